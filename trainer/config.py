@@ -1,0 +1,347 @@
+"""The training configuration tree: typed dataclasses, strict YAML loading, dotted overrides.
+
+An unknown key or a value of the wrong type is a ConfigError naming its dotted path. Each component
+receives only its own slice (DataConfig, ModelConfig, ...). Imports nothing from the rest of the app.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names its dotted path."""
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/default"
+    seed: int = 0
+    log_every: int = 10  # steps between status lines / stats.jsonl rows
+    checkpoint_every: int = 500  # steps (global, phase 1 and 2 counted together)
+    sample_every: int = 500  # steps between PNG sample grids
+    keep_checkpoints: int = 3  # newest N kept; 0 keeps all
+    mixed_precision: str = "no"  # "no" | "bf16" (autocast for G/D forwards; losses stay fp32)
+    collective_timeout_s: int = 600
+
+    def validate(self, path: str) -> None:
+        _positive(self, path, "log_every", "checkpoint_every", "sample_every", "collective_timeout_s")
+        if self.keep_checkpoints < 0:
+            raise ConfigError(f"{path}.keep_checkpoints must be >= 0, got {self.keep_checkpoints}")
+        _choice(self, path, "mixed_precision", ("no", "bf16"))
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # shard pattern: path, glob-free brace pattern, or pipe: URL
+    val: str | None = None
+    image_size: int = 256
+    batch_size: int = 4  # per process
+    workers: int = 2  # loader worker processes per rank
+    flip: bool = True  # random horizontal flip in training
+    background: str = "white"  # RGBA compositing: "white", "black" or "#rrggbb"
+    shuffle_buffer: int = 256
+    epoch_batches: int | None = None  # batches per rank per epoch; null: ceil(n_samples / (world * batch))
+
+    def validate(self, path: str) -> None:
+        _positive(self, path, "image_size", "batch_size", "shuffle_buffer")
+        if self.workers < 0:
+            raise ConfigError(f"{path}.workers must be >= 0, got {self.workers}")
+        if self.image_size % 4:
+            raise ConfigError(f"{path}.image_size must be a multiple of 4, got {self.image_size}")
+        if self.epoch_batches is not None and self.epoch_batches < 1:
+            raise ConfigError(f"{path}.epoch_batches must be >= 1 or null, got {self.epoch_batches}")
+
+
+@dataclass
+class ModelConfig:
+    width: int = 64  # generator base width (the paper's: 64)
+    n_blocks_encoder: int = 5
+    n_blocks_decoder: int = 4
+    antialias: bool = True
+    mlp_dim: int = 256
+    d_width: int = 64
+    d_layers: int = 3
+    num_patches: int = 256
+    patch_dim: int = 256
+    extractor: str = "alexnet-imagenet"  # "alexnet-imagenet" | "vgg16-imagenet" | "resnet18-scratch"
+    extractor_dim: int = 512
+    extractor_width: int = 64  # resnet18-scratch only
+    use_memory: bool = True  # False: the "without M" ablation (constant uniform colour feature)
+
+    def validate(self, path: str) -> None:
+        _positive(self, path, "width", "mlp_dim", "d_width", "d_layers", "num_patches", "patch_dim",
+                  "extractor_dim", "extractor_width")
+        if self.n_blocks_encoder < 1 or self.n_blocks_decoder < 0:
+            raise ConfigError(f"{path}: need n_blocks_encoder >= 1 and n_blocks_decoder >= 0")
+        _choice(self, path, "extractor", ("alexnet-imagenet", "vgg16-imagenet", "resnet18-scratch"))
+
+
+@dataclass
+class LossConfig:
+    pc: float = 1.0  # lambda_1, patch-wise contrastive
+    ic: float = 1.0  # lambda_2, intra-image correlation
+    smooth: float = 10.0  # lambda_3, Huber on ab/110
+    adv: float = 1.0  # lambda_4, LSGAN
+    tau: float = 0.07
+    beta: float = 1.0
+    delta: float = 1.0  # Huber delta
+    circle_gamma: float = 256.0
+    circle_margin: float = 0.25
+
+    def validate(self, path: str) -> None:
+        for name in ("pc", "ic", "smooth", "adv", "beta"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{path}.{name} must be >= 0, got {getattr(self, name)}")
+        _positive(self, path, "tau", "delta", "circle_gamma")
+
+
+@dataclass
+class Phase1Config:
+    steps: int = 1000
+    lr: float = 1e-4
+    k: int = 256  # top-k neighbours for the circle loss (capped at the memory's capacity)
+    threshold: float = 1.5  # delta_1, KL threshold in nats for positives and hits
+    age_noise: float = 4.0
+    val_every: int = 0  # steps between retrieval-accuracy evaluations on data.val; 0: only at the end
+
+    def validate(self, path: str) -> None:
+        if self.steps < 0:
+            raise ConfigError(f"{path}.steps must be >= 0, got {self.steps}")
+        _positive(self, path, "lr", "k")
+        if self.threshold < 0 or self.age_noise < 0 or self.val_every < 0:
+            raise ConfigError(f"{path}: threshold, age_noise and val_every must be >= 0")
+
+
+@dataclass
+class Phase2Config:
+    steps: int = 10000
+    lr: float = 2e-4  # start of the exponential decay (METHOD.md 4: 1e-3 in the paper, 2e-4 fallback)
+    lr_final: float = 2e-7
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
+
+    def validate(self, path: str) -> None:
+        if self.steps < 0:
+            raise ConfigError(f"{path}.steps must be >= 0, got {self.steps}")
+        _positive(self, path, "lr", "lr_final")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"{path}.betas must be two numbers in [0, 1), got {self.betas}")
+
+
+@dataclass
+class MemoryConfig:
+    address: str | None = None  # null: rank 0 starts an embedded server inside out_dir
+    name: str = "default"
+    capacity: int = 1024  # slots; the paper uses 1.2 x the number of training images
+    timeout_ms: int = 30000
+    retries: int = 3
+    durability: str = "always"  # embedded server only
+
+    def validate(self, path: str) -> None:
+        _positive(self, path, "capacity", "timeout_ms")
+        if self.retries < 0:
+            raise ConfigError(f"{path}.retries must be >= 0, got {self.retries}")
+        _choice(self, path, "durability", ("always", "batch", "none"))
+
+
+@dataclass
+class MetricsConfig:
+    port: int | None = None  # Prometheus base port; rank r serves on port + r; null: off
+
+    def validate(self, path: str) -> None:
+        if self.port is not None and not 0 <= self.port < 65536:
+            raise ConfigError(f"{path}.port must be in 0..65535 or null, got {self.port}")
+
+
+@dataclass
+class TrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    phase1: Phase1Config = field(default_factory=Phase1Config)
+    phase2: Phase2Config = field(default_factory=Phase2Config)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate(f.name)
+
+
+# Keys that only set the length or bookkeeping of a run: they may change on resume.
+RESUMABLE_KEYS = (
+    "phase1.steps", "phase2.steps", "phase1.val_every", "run.checkpoint_every", "run.log_every",
+    "run.sample_every", "run.keep_checkpoints", "run.out_dir", "run.collective_timeout_s",
+    "data.workers", "data.train", "data.val", "memory.address", "memory.timeout_ms",
+    "memory.retries", "metrics.port",
+)
+# Keys that fix the shape of a saved model: a change on resume is an error.
+SHAPE_KEYS = tuple(f"model.{f.name}" for f in dataclasses.fields(ModelConfig)) + (
+    "data.image_size", "memory.capacity", "memory.name",
+)
+
+
+def _positive(obj: Any, path: str, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value <= 0:
+            raise ConfigError(f"{path}.{name} must be > 0, got {value!r}")
+
+
+def _choice(obj: Any, path: str, name: str, allowed: tuple[str, ...]) -> None:
+    value = getattr(obj, name)
+    if value not in allowed:
+        raise ConfigError(f"{path}.{name} must be one of {list(allowed)}, got {value!r}")
+
+
+# --- strict conversion -----------------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, path)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected a bool, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected an int, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{path}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{path}: expected a string, got {value!r}")
+    raise ConfigError(f"{path}: unsupported type {_type_name(tp)}")
+
+
+def _from_dict(cls: type, data: Any, path: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            where = f"{path}.{key}" if path else str(key)
+            raise ConfigError(f"unknown key {where} (known: {', '.join(sorted(names))})")
+    kwargs = {k: _convert(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict) -> TrainConfig:
+    """A validated TrainConfig from a plain nested dict."""
+    cfg = _from_dict(TrainConfig, data, "")
+    cfg.validate()
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """Plain nested dict (YAML-safe) of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Apply one `dotted.key=value` override in place; the value is parsed as YAML."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like key.path=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {override!r} has an empty key component")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from e
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """YAML file (or none: the defaults) plus dotted overrides -> validated TrainConfig."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
+        data = loaded or {}
+    for override in overrides:
+        apply_override(data, override)
+    return config_from_dict(data)
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def resume_differences(saved: TrainConfig, current: TrainConfig) -> dict[str, list[str]]:
+    """Dotted keys that differ between a checkpoint's config and the current one, by kind.
+
+    'bookkeeping': may change freely; 'shape': changes the saved model's shape (an error on resume);
+    'other': hyper-parameters (allowed, but the trainer warns).
+    """
+    a, b = flatten(config_to_dict(saved)), flatten(config_to_dict(current))
+    changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    return {
+        "bookkeeping": [k for k in changed if k in RESUMABLE_KEYS],
+        "shape": [k for k in changed if k in SHAPE_KEYS],
+        "other": [k for k in changed if k not in RESUMABLE_KEYS and k not in SHAPE_KEYS],
+    }
