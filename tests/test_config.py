@@ -49,12 +49,17 @@ def test_yaml_file_and_overrides(tmp_path):
         ("phase2.betas=0.5", r"phase2\.betas: expected a list"),
         ("data=3", r"data: expected a mapping"),
         ("run.seed", r"must look like key\.path=value"),
-        ("model.width.x=1", r"model\.width is not a section"),
+        ("model.width.x=1", r"model\.width: expected an int, got \{'x': 1\}"),
     ],
 )
 def test_bad_values_name_their_path(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_override_into_a_scalar_is_an_error():
+    with pytest.raises(ConfigError, match=r"model\.width is not a section"):
+        load_config(None, ["model.width=8", "model.width.x=1"])
 
 
 def test_missing_and_malformed_files(tmp_path):
