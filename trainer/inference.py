@@ -1,0 +1,172 @@
+"""Colorizing with a trained checkpoint: model loading, memory retrieval, full-resolution output.
+
+Colour is predicted at the model's size and its ab upsampled and joined with the input's own
+full-resolution L, so outputs keep the input's resolution and detail. The memory is the checkpoint's
+own (served by an embedded server started here) or a named memory on a running server.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from memory_server.client import MemoryClient
+from memory_server.launcher import start_server
+from pccnet.color import NUM_BINS, denormalize_ab, lab_to_rgb, normalize_light, rgb_to_lab
+from trainer.checkpoint import load_for_inference
+from trainer.memory import RESTORE_CHUNK
+from trainer.models import build_extractor, build_generator, load_trainable_state
+from trainer.step import retrieve_color_feature
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Files, folders (recursive) and globs -> sorted unique image paths; an input matching nothing is an error."""
+    import glob
+
+    found: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            matches = [f for f in sorted(p.rglob("*")) if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
+        elif p.is_file():
+            matches = [p]
+        else:
+            matches = [Path(m) for m in sorted(glob.glob(item, recursive=True)) if Path(m).is_file()]
+        if not matches:
+            raise FileNotFoundError(f"input {item!r} matches no image file")
+        found.extend(matches)
+    seen, unique = set(), []
+    for f in found:
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Colorizer:
+    """A checkpoint's generator and extractor plus a memory to retrieve colour features from."""
+
+    def __init__(self, checkpoint: str | Path, device: str | None = None, memory: str | None = None,
+                 memory_name: str | None = None, timeout_ms: int = 30000) -> None:
+        self.device = pick_device(device)
+        state = load_for_inference(checkpoint, map_location="cpu")
+        self.path = state["path"]
+        self.cfg = state["config"]
+        self.image_size = self.cfg.data.image_size
+        self.background = self.cfg.data.background
+        self.generator = build_generator(self.cfg.model, loss=None).generator
+        gen_state = {k[len("generator."):]: v for k, v in state["models"]["generator"].items()
+                     if k.startswith("generator.")}
+        self.generator.load_state_dict(gen_state)
+        self.extractor = build_extractor(self.cfg.model)
+        load_trainable_state(self.extractor, state["models"]["extractor"], "extractor")
+        self.generator.to(self.device).eval()
+        self.extractor.to(self.device).eval()
+        self.use_memory = self.cfg.model.use_memory
+        self.memory_name = memory_name or self.cfg.memory.name
+        self._server = None
+        self._tmp = None
+        self.client = None
+        self.capacity = None
+        if self.use_memory:
+            self._open_memory(state["memory"], memory, timeout_ms)
+
+    def _open_memory(self, saved: dict | None, endpoint: str | None, timeout_ms: int) -> None:
+        if endpoint is None:
+            if saved is None:
+                raise ValueError(f"checkpoint {self.path} holds no memory; pass --memory to use a running server")
+            # The checkpoint's own memory, served by a throwaway embedded server.
+            self._tmp = tempfile.mkdtemp(prefix="pccnet-colorize-")
+            self._server = start_server(self._tmp, bind="tcp://127.0.0.1:0", durability="none")
+            endpoint = self._server.endpoint
+            self.client = MemoryClient(endpoint, timeout_ms=timeout_ms, memory=self.memory_name)
+            m, dk = saved["keys"].shape
+            self.client.create(capacity=m, key_dim=dk, value_dim=saved["values"].shape[1])
+            for start in range(0, m, RESTORE_CHUNK):
+                stop = min(m, start + RESTORE_CHUNK)
+                self.client.put(np.arange(start, stop, dtype=np.int64), saved["keys"][start:stop],
+                                saved["values"][start:stop], ages=saved["ages"][start:stop].astype(np.float32),
+                                item_ids=saved["item_ids"][start:stop])
+        else:
+            self.client = MemoryClient(endpoint, timeout_ms=timeout_ms, memory=self.memory_name)
+        info = self.client.info(memory=self.memory_name)
+        if "capacity" not in info:
+            raise ValueError(f"memory {self.memory_name!r} does not exist on {endpoint} "
+                             f"(it holds {info.get('memories')})")
+        if info["key_dim"] != self.cfg.model.extractor_dim or info["value_dim"] != NUM_BINS:
+            raise ValueError(f"memory {self.memory_name!r} has key_dim {info['key_dim']} and value_dim "
+                             f"{info['value_dim']}; this checkpoint needs {self.cfg.model.extractor_dim} and {NUM_BINS}")
+        self.capacity = int(info["capacity"])
+
+    @torch.no_grad()
+    def color_features(self, light: Tensor) -> Tensor:
+        """Network-scaled light [B,1,S,S] -> the colour feature the generator is conditioned on."""
+        if not self.use_memory:
+            return torch.full((light.shape[0], NUM_BINS), 1.0 / NUM_BINS, device=light.device)
+        c, _ = retrieve_color_feature(self.extractor, light, self.client, name=self.memory_name,
+                                      k=min(16, self.capacity))
+        return c
+
+    @torch.no_grad()
+    def predict_ab(self, light: Tensor) -> Tensor:
+        """Network-scaled light [B,1,S,S] at the model size -> ab/110 [B,2,S,S]."""
+        light = light.to(self.device)
+        return self.generator(light, self.color_features(light))
+
+    @torch.no_grad()
+    def colorize_images(self, images: list[Image.Image]) -> list[np.ndarray]:
+        """RGB PIL images of any size (colour or gray) -> colour uint8 arrays [H,W,3] at the input's size."""
+        if not images:
+            return []
+        smalls, fulls = [], []
+        for img in images:
+            rgb = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+            light_full = rgb_to_lab(rgb[None].to(self.device))[:, :1]  # [1,1,H,W], L in [0,100]
+            fulls.append(light_full)
+            small = F.interpolate(light_full, size=(self.image_size, self.image_size), mode="bilinear",
+                                  antialias=True, align_corners=False)
+            smalls.append(normalize_light(small))
+        fake_ab = self.predict_ab(torch.cat(smalls))
+        out = []
+        for i, light_full in enumerate(fulls):
+            h, w = light_full.shape[-2:]
+            ab = F.interpolate(fake_ab[i:i + 1], size=(h, w), mode="bilinear", align_corners=False)
+            rgb = lab_to_rgb(torch.cat((light_full, denormalize_ab(ab)), dim=1))
+            out.append((rgb[0].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy())
+        return out
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def __enter__(self) -> Colorizer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

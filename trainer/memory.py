@@ -1,0 +1,103 @@
+"""The memory the training loop talks to: a client of a running server, or an embedded one rank 0 starts.
+
+With `memory.address: null`, rank 0 spawns `python -m memory_server` on a free loopback port with its
+data directory inside the run's out_dir, waits for READY and shares the endpoint with every rank; it
+stops the server (SIGTERM: snapshot, exit 0) when the run ends, also on errors. Every rank then holds
+its own MemoryClient; all of them read and update the one shared memory.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from memory_server.client import MemoryClient
+from memory_server.launcher import start_server
+from trainer.config import MemoryConfig
+
+log = logging.getLogger(__name__)
+
+# Rows per put when restoring a memory: keeps each request well under the server's message limit.
+RESTORE_CHUNK = 4096
+
+
+class TrainerMemory:
+    """One rank's handle on the shared memory (named cfg.name) plus, on rank 0, the embedded server."""
+
+    def __init__(self, cfg: MemoryConfig, out_dir: str | Path, rank: int, broadcast_object=None) -> None:
+        self.cfg = cfg
+        self.server = None
+        endpoint = cfg.address
+        if endpoint is None:
+            if rank == 0:
+                data_dir = Path(out_dir) / "memory-server"
+                data_dir.mkdir(parents=True, exist_ok=True)
+                self.server = start_server(
+                    data_dir, bind="tcp://127.0.0.1:0", durability=cfg.durability,
+                    log_path=Path(out_dir) / "memory-server.log",
+                )
+                endpoint = self.server.endpoint
+                log.info("embedded memory server at %s (data in %s)", endpoint, data_dir)
+            if broadcast_object is not None:
+                endpoint = broadcast_object(endpoint)
+        self.endpoint = endpoint
+        self.client = MemoryClient(endpoint, timeout_ms=cfg.timeout_ms, retries=cfg.retries, memory=cfg.name)
+
+    # --- set-up -----------------------------------------------------------------------------------
+    def ensure(self, capacity: int, key_dim: int, value_dim: int, seed: int) -> dict:
+        """Create the memory if absent (idempotent; a different shape is the server's `exists` error)."""
+        self.client.create(capacity=capacity, key_dim=key_dim, value_dim=value_dim, seed=seed)
+        return self.client.info()
+
+    # --- the ops the loop uses --------------------------------------------------------------------
+    def query(self, q: np.ndarray, k: int, targets: np.ndarray | None = None, fields=(), memory=None) -> dict:
+        return self.client.query(q, k=k, targets=targets, fields=tuple(fields), memory=memory)
+
+    def update(self, q: np.ndarray, v: np.ndarray, threshold: float, age_noise: float, seed: int,
+               item_ids: np.ndarray | None = None) -> dict:
+        return self.client.update(q, v, threshold=threshold, age_noise=age_noise, seed=seed, item_ids=item_ids)
+
+    def info(self) -> dict:
+        return self.client.info()
+
+    def export(self) -> dict[str, np.ndarray]:
+        """The whole memory (keys, values, ages, item_ids) and its version."""
+        return self.client.export()
+
+    def restore(self, state: dict[str, np.ndarray]) -> int:
+        """Overwrite every slot with a checkpoint's export; returns the server's version afterwards."""
+        n = state["keys"].shape[0]
+        version = -1
+        for start in range(0, n, RESTORE_CHUNK):
+            stop = min(n, start + RESTORE_CHUNK)
+            reply = self.client.put(
+                np.arange(start, stop, dtype=np.int64), state["keys"][start:stop], state["values"][start:stop],
+                ages=state["ages"][start:stop].astype(np.float32), item_ids=state["item_ids"][start:stop],
+            )
+            version = int(reply["version"])
+        return version
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        finally:
+            if self.server is not None:
+                code = self.server.stop()
+                if code != 0:
+                    log.warning("embedded memory server exited with code %s", code)
+                self.server = None
+
+
+def save_memory_state(state: dict, path: str | Path) -> None:
+    """A memory export as an .npz (arrays only, loadable without pickle)."""
+    arrays = {k: np.asarray(state[k]) for k in ("keys", "values", "ages", "item_ids")}
+    np.savez(path, version=np.int64(state.get("version", -1)), **arrays)
+
+
+def load_memory_state(path: str | Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        out = {k: z[k] for k in ("keys", "values", "ages", "item_ids")}
+        out["version"] = int(z["version"])
+    return out

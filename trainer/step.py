@@ -1,0 +1,167 @@
+"""One training step of each phase: memory_step (phase 1, METHOD.md 4) and gan_step (phase 2).
+
+Both take modules, optimizers, a batch and the memory, and return a dict of float scalars plus the
+seconds spent in each part. No hidden state: everything a step needs is an argument.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from pccnet import losses
+from trainer.config import LossConfig, Phase1Config
+from trainer.models import GeneratorWithSampler, uniform_color_feature
+
+
+@dataclass
+class StepContext:
+    """What a step needs besides modules and batch: the accelerator and config slices."""
+
+    accelerator: object
+    loss: LossConfig
+    phase1: Phase1Config
+    use_memory: bool
+    world_size: int
+    seed: int
+
+
+def _sync_time(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def memory_step(ctx: StepContext, extractor: nn.Module, opt: torch.optim.Optimizer, batch: dict,
+                memory, step: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Phase 1: circle loss of the query against its top-k memory keys, then the memory update."""
+    acc = ctx.accelerator
+    device = acc.device
+    light, target = batch["light"], batch["color_feature"]
+    t0 = _sync_time(device)
+    query = extractor(light)  # [B, 512] unit rows, with grad
+    q_np = query.detach().float().cpu().numpy()
+    t1 = time.perf_counter()
+    # Top-k selection and the KL labelling stay on the server; only the keys the loss needs come back.
+    reply = memory.query(q_np, k=ctx.phase1.k, targets=target.cpu().numpy(), fields=("keys",))
+    t2 = time.perf_counter()
+    keys = torch.from_numpy(reply["keys"]).to(device)  # [B, k, 512], constants
+    positive = torch.from_numpy(reply["kl"] < ctx.phase1.threshold).to(device)  # [B, k]
+    sims = torch.einsum("bd,bkd->bk", query.float(), keys.float())
+    loss_m = losses.circle_loss(sims, positive, gamma=ctx.loss.circle_gamma, margin=ctx.loss.circle_margin)
+    opt.zero_grad(set_to_none=True)
+    acc.backward(loss_m)
+    opt.step()
+    t3 = _sync_time(device)
+    with torch.no_grad():
+        new_query = extractor(light).float().cpu().numpy()
+    # Ages advance once per update request, so N ranks age the memory N times per global step: the
+    # noise, measured in those units, scales with the world size (SYSTEMS.md 1.4, hazard C3).
+    update_seed = (ctx.seed * 1_000_003 + step * 1009 + acc.process_index) % (2**63)
+    t4 = time.perf_counter()
+    upd = memory.update(new_query, target.cpu().numpy(), threshold=ctx.phase1.threshold,
+                        age_noise=ctx.phase1.age_noise * ctx.world_size, seed=update_seed,
+                        item_ids=batch["item_id"].cpu().numpy())
+    t5 = time.perf_counter()
+    valid = positive.any(1) & (~positive).any(1)
+    scalars = {
+        "loss/m": float(loss_m.detach()),
+        "mem/hit_rate": float(np.mean(upd["hit"])),
+        "mem/positive_rate": float(positive.float().mean()),
+        "mem/valid_queries": float(valid.float().mean()),
+        "mem/top1_sim": float(reply["sims"][:, 0].mean()),
+    }
+    timings = {"forward": t1 - t0 + (t4 - t3), "memory_rpc": (t2 - t1) + (t5 - t4), "backward": t3 - t2}
+    return scalars, timings
+
+
+def set_requires_grad(module: nn.Module, flag: bool) -> None:
+    for p in module.parameters():
+        p.requires_grad_(flag)
+
+
+def gan_step(ctx: StepContext, gen: nn.Module, disc: nn.Module, opt_g: torch.optim.Optimizer,
+             opt_d: torch.optim.Optimizer, batch: dict, patch_generator: torch.Generator | None = None
+             ) -> tuple[dict[str, float], dict[str, float]]:
+    """Phase 2 (CUT order): G forward, D step on LSGAN, then G+F step on L_PC, L_IC, Huber and LSGAN."""
+    acc = ctx.accelerator
+    cfg = ctx.loss
+    device = acc.device
+    light, real_ab = batch["light"], batch["ab"]
+    c = batch["color_feature"] if ctx.use_memory else uniform_color_feature(light.shape[0], device)
+    autocast = acc.autocast() if acc.mixed_precision != "no" else nullcontext()
+    need_patches = cfg.pc > 0 or cfg.ic > 0
+    t0 = _sync_time(device)
+    with autocast:
+        fake_ab, w, z = gen(light, c, real_ab if need_patches else None, patch_generator)
+    t1 = _sync_time(device)
+
+    # D step. Real and fake go through D in one forward (instance norm is per sample, so this equals
+    # two calls) because DDP expects one forward per backward.
+    set_requires_grad(disc, True)
+    real_lab = torch.cat((light, real_ab), dim=1)
+    fake_lab = torch.cat((light, fake_ab.detach().to(light.dtype)), dim=1)
+    with autocast:
+        logits = disc(torch.cat((real_lab, fake_lab)), torch.cat((c, c)))
+    real_logits, fake_logits = logits.chunk(2)
+    loss_d = losses.lsgan_d_loss(real_logits, fake_logits)
+    opt_d.zero_grad(set_to_none=True)
+    acc.backward(loss_d)
+    opt_d.step()
+    t2 = _sync_time(device)
+
+    # G step: D frozen and used unwrapped, so its DDP reducer never waits for gradients it won't get.
+    set_requires_grad(disc, False)
+    with autocast:
+        fake_logits_g = acc.unwrap_model(disc)(torch.cat((light, fake_ab), dim=1), c)
+    loss_adv = losses.lsgan_g_loss(fake_logits_g)
+    loss_smooth = losses.smooth_l1_loss(fake_ab, real_ab, delta=cfg.delta)
+    loss_g = cfg.smooth * loss_smooth + cfg.adv * loss_adv
+    loss_pc = loss_ic = torch.zeros((), device=device)
+    if w is not None:
+        if cfg.pc > 0:
+            loss_pc = torch.stack([losses.patch_contrastive_loss(wl, zl, tau=cfg.tau, beta=cfg.beta)
+                                   for wl, zl in zip(w, z)]).mean()
+        if cfg.ic > 0:
+            loss_ic = torch.stack([losses.intra_correlation_loss(wl, zl) for wl, zl in zip(w, z)]).mean()
+        loss_g = loss_g + cfg.pc * loss_pc + cfg.ic * loss_ic
+    opt_g.zero_grad(set_to_none=True)
+    acc.backward(loss_g)
+    opt_g.step()
+    set_requires_grad(disc, True)
+    t3 = _sync_time(device)
+    scalars = {
+        "loss/d": float(loss_d.detach()),
+        "loss/g": float(loss_g.detach()),
+        "loss/g_adv": float(loss_adv.detach()),
+        "loss/smooth": float(loss_smooth.detach()),
+        "loss/pc": float(loss_pc.detach()),
+        "loss/ic": float(loss_ic.detach()),
+        "d/real": float(real_logits.detach().float().mean()),
+        "d/fake": float(fake_logits.detach().float().mean()),
+    }
+    timings = {"forward": t1 - t0, "backward": t3 - t1}
+    return scalars, timings
+
+
+@torch.no_grad()
+def retrieve_color_feature(extractor: nn.Module, light: Tensor, memory, name: str | None = None,
+                           k: int = 16) -> tuple[Tensor, np.ndarray]:
+    """Test-time retrieval (METHOD.md 3.4): the value of the most similar slot written by a client.
+
+    Slots never written still hold their random initial keys and uniform values; among the top-k we
+    take the first with an item id, falling back to the plain top-1 when none of them has one.
+    """
+    query = extractor(light).float().cpu().numpy()
+    reply = memory.query(query, k=k, fields=("values", "item_ids"), memory=name)
+    item_ids = reply["item_ids"]  # [B, k]
+    written = item_ids >= 0
+    pick = np.where(written.any(1), written.argmax(1), 0)
+    rows = np.arange(query.shape[0])
+    values = reply["values"][rows, pick]  # [B, 313]
+    return torch.from_numpy(values).to(light.device), reply["slots"][rows, pick]
