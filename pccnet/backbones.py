@@ -40,7 +40,8 @@ def _load_flax_convs(convs: nn.ModuleList, name: str, scope: str) -> None:
 def _check_rgb(x: Tensor, min_side: int, net: str) -> None:
     assert_shape(x, (None, 3, None, None), f"{net} input")
     if min(x.shape[-2:]) < min_side:
-        raise ValueError(f"{net} needs images of at least {min_side}x{min_side} pixels, got {tuple(x.shape[-2:])}")
+        size = tuple(x.shape[-2:])
+        raise ValueError(f"{net} needs images of at least {min_side}x{min_side} pixels, got {size}")
 
 
 class AlexNetFeatures(nn.Module):
@@ -139,7 +140,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(out_ch)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_ch != out_ch:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), nn.BatchNorm2d(out_ch))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), nn.BatchNorm2d(out_ch)
+            )
 
     def forward(self, x: Tensor) -> Tensor:
         h = F.relu(self.bn1(self.conv1(x)))

@@ -17,7 +17,7 @@ IN_EPS = 1e-5  # F.instance_norm's default; AdaIN uses the same statistics
 
 def assert_shape(x: Tensor, shape: Sequence[int | None], name: str = "tensor") -> None:
     """Raise ValueError unless `x` has len(shape) dims and matches every non-None entry."""
-    ok = x.dim() == len(shape) and all(s is None or s == d for s, d in zip(shape, x.shape))
+    ok = x.dim() == len(shape) and all(s is None or s == d for s, d in zip(shape, x.shape, strict=True))
     if not ok:
         want = "[" + ",".join("*" if s is None else str(s) for s in shape) + "]"
         raise ValueError(f"{name} must have shape {want}, got {list(x.shape)}")
@@ -81,7 +81,8 @@ class BlurDown(nn.Module):
         super().__init__()
         self.channels = channels
         # A fixed filter, not a parameter; non-persistent so checkpoints hold learned weights only.
-        self.register_buffer("filt", _binomial_2d([1, 2, 1]).expand(channels, 1, 3, 3).clone(), persistent=False)
+        filt = _binomial_2d([1, 2, 1]).expand(channels, 1, 3, 3).clone()
+        self.register_buffer("filt", filt, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         x = F.pad(x, (1, 1, 1, 1), mode="reflect")
@@ -121,7 +122,8 @@ class ResBlock(nn.Module):
     def forward(self, x: Tensor, style: Tensor | None = None) -> Tensor:
         """x [B,C,H,W]; style [B,2,2,C] = (norm layer, (shift, scale), channel), needed iff adaptive."""
         if self.adaptive != (style is not None):
-            raise ValueError(f"ResBlock(adaptive={self.adaptive}) got style={'None' if style is None else 'a tensor'}")
+            given = "None" if style is None else "a tensor"
+            raise ValueError(f"ResBlock(adaptive={self.adaptive}) got style={given}")
         h = self.conv1(F.pad(x, (1, 1, 1, 1), mode="reflect"))
         h = adain(h, style[:, 0, 1], style[:, 0, 0]) if style is not None else instance_norm(h)
         h = F.relu(h)

@@ -68,7 +68,13 @@ class Generator(nn.Module):
         self.up1 = _up(body, 2 * w, cfg.antialias)
         self.up2 = _up(2 * w, w, cfg.antialias)
         self.out_conv = nn.Conv2d(w, 2, 7)  # after RP3; tanh follows
-        init_weights(self, gain=0.02)
+        init_weights(self, gain=0.02)  # CUT's xavier 0.02 on the convs
+        # The MLP takes MUNIT's kaiming-normal (fan_in) init instead: c lies on the simplex (norm ~0.1),
+        # and three gain-0.02 layers would shrink it to ~1e-6, leaving the conditioning dead at init.
+        for layer in self.mlp:
+            if isinstance(layer, nn.Linear):
+                nn.init.kaiming_normal_(layer.weight, a=0.0, mode="fan_in")
+                nn.init.zeros_(layer.bias)
         if cfg.adain_scale_offset:
             # y1 = 1 + delta, delta = 0 at init: every AdaIN starts as plain IN (y1 = 1, y2 = 0), so
             # the decoder starts as CUT's. The zero weight also blocks gradient to the MLP's first two

@@ -123,7 +123,9 @@ def circle_loss(sims: Tensor, positive: Tensor, gamma: float = 256.0, margin: fl
     if sims.dim() != 2:
         raise ValueError(f"sims must be [B,k], got shape {tuple(sims.shape)}")
     if positive.shape != sims.shape:
-        raise ValueError(f"positive must have the shape of sims {tuple(sims.shape)}, got {tuple(positive.shape)}")
+        raise ValueError(
+            f"positive must have the shape of sims {tuple(sims.shape)}, got {tuple(positive.shape)}"
+        )
     if positive.dtype != torch.bool:
         if positive.is_floating_point() or positive.is_complex():
             raise ValueError(f"positive must be a bool (or integer 0/1) mask, got dtype {positive.dtype}")

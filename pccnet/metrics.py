@@ -8,12 +8,12 @@ pccnet.weights. No scipy: the Frechet distance uses numpy's SVD/eigh only.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterable, Iterator
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from pccnet.lpips_net import LPIPSAlex, build_lpips_alex
@@ -22,8 +22,8 @@ from pccnet.weights import weight_path
 __all__ = ["psnr", "colorfulness", "lpips", "fid", "fid_features", "fid_from_features", "PSNR_CAP_DB"]
 
 # Identical images have infinite PSNR; one such pair would make a mean over a test set infinite.
-# 100 dB is what an MSE of 255^2 * 1e-10 gives: far above any real reconstruction (uint8 PSNR of a
-# single-level error on one pixel in 256x256x3 is ~106 dB, so the cap only ever replaces exact copies).
+# 100 dB (MSE = 255^2 * 1e-10) is far above any real reconstruction: a one-level error in a single
+# value of a 256x256x3 image is already 101 dB, so at the paper's size the cap only replaces exact copies.
 PSNR_CAP_DB = 100.0
 FID_SIZE = 299
 FID_DIM = 2048
@@ -83,7 +83,7 @@ def _device_key(device: torch.device | str) -> torch.device:
     return device
 
 
-@lru_cache(maxsize=None)
+@cache
 def _lpips_network(device: torch.device) -> LPIPSAlex:
     return build_lpips_alex(device)
 
@@ -105,11 +105,15 @@ def lpips(pred: Tensor, target: Tensor, batch_size: int = 32) -> Tensor:
 # --- FID ----------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=None)
+@cache
 def _inception(device: torch.device) -> torch.jit.ScriptModule:
     # The export's top module is saved in training mode; eval() makes the intent explicit (its
     # batch norms are written as functional calls with training=False either way).
-    model = torch.jit.load(str(weight_path("fid_inception")), map_location=device)
+    path = weight_path("fid_inception")
+    with warnings.catch_warnings():
+        # torch >= 2.10 deprecates TorchScript; this file only ships as TorchScript (METHOD.md 8.3).
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.*", category=DeprecationWarning)
+        model = torch.jit.load(str(path), map_location=device)
     return model.eval()
 
 
@@ -162,43 +166,58 @@ def fid_features(
         with torch.no_grad(), _no_autocast(dev):
             out = model(_inception_input(batch.to(dev)))
         if out.dim() != 2 or out.shape != (batch.shape[0], FID_DIM):
-            raise RuntimeError(f"FID Inception returned shape {tuple(out.shape)}, expected ({batch.shape[0]}, {FID_DIM})")
+            raise RuntimeError(
+                f"FID Inception returned shape {tuple(out.shape)}, expected ({batch.shape[0]}, {FID_DIM})"
+            )
         feats.append(out.cpu().to(torch.float64).numpy())
     if not feats:
         return np.zeros((0, FID_DIM))
     return np.concatenate(feats)
 
 
-def _factor(feats: np.ndarray) -> np.ndarray:
-    """A matrix X with X^T X = cov(feats) (ddof 1): the scaled centred rows, or sqrt(cov) if smaller."""
-    n, d = feats.shape
-    centred = (feats - feats.mean(axis=0)) / np.sqrt(n - 1)  # [n, d]
-    if n <= d:
-        return centred
-    cov = centred.T @ centred
-    vals, vecs = np.linalg.eigh(cov)
-    return (vecs * np.sqrt(np.clip(vals, 0.0, None))) @ vecs.T  # [d, d], symmetric
+def _centred(feats: np.ndarray) -> np.ndarray:
+    """Rows minus their mean, over sqrt(N-1): A with A^T A = cov(feats) (ddof 1). [N,D]"""
+    return (feats - feats.mean(axis=0)) / np.sqrt(feats.shape[0] - 1)
+
+
+def _trace_sqrt_product(a1: np.ndarray, a2: np.ndarray) -> float:
+    """tr sqrt(S1 S2) for S = A^T A, without sqrtm.
+
+    With factors S1 = X1^T X1, S2 = X2^T X2 the eigenvalues of S1 S2 are the squared singular values
+    of X1 X2^T, so the trace is its nuclear norm: exact for rank-deficient covariances (N < D).
+    """
+    n1, d = a1.shape
+    n2 = a2.shape[0]
+    if max(n1, n2) <= d:
+        return float(np.linalg.svd(a1 @ a2.T, compute_uv=False).sum())  # [n1,n2], few samples
+    if n1 > n2:  # the trace is symmetric in S1, S2: put the smaller set first
+        a1, a2, n1, n2 = a2, a1, n2, n1
+    if n1 <= d:
+        x1 = a1  # [n1,d]
+    else:
+        vals, vecs = np.linalg.eigh(a1.T @ a1)
+        x1 = (vecs * np.sqrt(np.clip(vals, 0.0, None))) @ vecs.T  # sqrt(S1), [d,d]
+    # X1 S2 X1^T is symmetric PSD with the eigenvalues of S1 S2; eigh beats an SVD of X1 X2^T here.
+    eig = np.linalg.eigh(x1 @ (a2.T @ a2) @ x1.T)[0]
+    return float(np.sqrt(np.clip(eig, 0.0, None)).sum())
 
 
 def fid_from_features(f1: np.ndarray, f2: np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets [N1,D], [N2,D] (N >= 2), float64.
-
-    tr sqrt(S1 S2) is the nuclear norm of X1 X2^T for any factors S = X^T X, so no sqrtm is needed
-    and rank-deficient covariances (N < D) are handled exactly.
-    """
+    """Frechet distance between Gaussians fitted to feature sets [N1,D] and [N2,D] (N >= 2), float64."""
     f1 = np.asarray(f1, dtype=np.float64)
     f2 = np.asarray(f2, dtype=np.float64)
     for name, f in (("f1", f1), ("f2", f2)):
         if f.ndim != 2 or f.shape[0] < 2:
-            raise ValueError(f"{name} must be [N,D] with N >= 2 (a covariance needs two samples), got {f.shape}")
+            raise ValueError(
+                f"{name} must be [N,D] with N >= 2 (a covariance needs two samples), got {f.shape}"
+            )
         if not np.isfinite(f).all():
             raise ValueError(f"{name} holds non-finite values")
     if f1.shape[1] != f2.shape[1]:
         raise ValueError(f"feature dims differ: f1 {f1.shape}, f2 {f2.shape}")
-    x1, x2 = _factor(f1), _factor(f2)
-    trace_sqrt = np.linalg.svd(x1 @ x2.T, compute_uv=False).sum()
+    a1, a2 = _centred(f1), _centred(f2)
     mean_term = np.square(f1.mean(axis=0) - f2.mean(axis=0)).sum()
-    value = mean_term + np.square(x1).sum() + np.square(x2).sum() - 2.0 * trace_sqrt
+    value = mean_term + np.square(a1).sum() + np.square(a2).sum() - 2.0 * _trace_sqrt_product(a1, a2)
     return max(float(value), 0.0)  # rounding can leave -1e-12 for identical sets
 
 

@@ -1,8 +1,9 @@
 """The patch sampler's heads F (METHOD.md 1.2; CUT's PatchSampleF, built eagerly).
 
-Picks the same random positions in every image of a batch, runs one Linear-ReLU-Linear MLP per encoder
-tap, and L2-normalises the rows. Patch ids are drawn on the CPU (CUT issues #81/#83: randperm on CUDA
-produced garbage) and can be passed back in, so generated and ground-truth branches share them.
+Picks the same random positions in every image of a batch, runs one Linear-ReLU-Linear MLP per
+encoder tap, and L2-normalises the rows to unit length. Patch ids are drawn on the CPU (CUT issues
+#81/#83: randperm on CUDA produced garbage) and can be passed back in, so generated and ground-truth
+branches share them.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ from torch import Tensor, nn
 from pccnet.blocks import assert_shape, init_weights
 from pccnet.config import SamplerConfig
 
-NORM_EPS = 1e-7  # CUT's Normalize: x / (||x|| + 1e-7)
+# CUT's Normalize is x / (||x|| + 1e-7). With CUT's 0.02-gain init the MLP outputs have norms of
+# ~1e-5 at init, where that eps shortens the rows by up to ~1 %; dividing by max(||x||, 1e-7) keeps the
+# direction and makes the rows exactly unit, which the losses assume (METHOD.md 8.1).
+NORM_EPS = 1e-7
 
 
 class PatchSampler(nn.Module):
@@ -52,14 +56,14 @@ class PatchSampler(nn.Module):
         """Taps -> (per tap [B,K_l,dim] unit rows, the CPU patch ids [K_l] used); ids drawn when None."""
         if len(feats) != len(self.mlps):
             raise ValueError(f"expected {len(self.mlps)} taps, got {len(feats)}")
-        for i, (f, c) in enumerate(zip(feats, self.tap_channels)):
+        for i, (f, c) in enumerate(zip(feats, self.tap_channels, strict=True)):
             assert_shape(f, (feats[0].shape[0], c, None, None), f"tap {i}")
         if patch_ids is None:
             patch_ids = self.draw_patch_ids(feats, generator)
         elif len(patch_ids) != len(feats):
             raise ValueError(f"expected {len(feats)} patch id tensors, got {len(patch_ids)}")
         out = []
-        for i, (f, ids, mlp) in enumerate(zip(feats, patch_ids, self.mlps)):
+        for i, (f, ids, mlp) in enumerate(zip(feats, patch_ids, self.mlps, strict=True)):
             positions = f.shape[-2] * f.shape[-1]
             if ids.dim() != 1 or (ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= positions)):
                 raise ValueError(f"tap {i}: patch ids must be a 1-d tensor in [0, {positions}), got shape "
@@ -67,5 +71,5 @@ class PatchSampler(nn.Module):
             flat = f.flatten(2)  # [B, C, H*W]
             picked = flat[:, :, ids.to(f.device)].transpose(1, 2)  # [B, K, C]
             x = mlp(picked)
-            out.append(x / (x.norm(dim=-1, keepdim=True) + NORM_EPS))  # [B, K, dim]
+            out.append(x / x.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS))  # [B, K, dim]
         return out, patch_ids
