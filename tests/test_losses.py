@@ -47,22 +47,23 @@ def _ref_intra_correlation(w, z) -> float:
             eq = [math.exp(float(w[b, r] @ w[b, j])) for j in range(k)]
             p = [v / sum(ep) for v in ep]
             q = [v / sum(eq) for v in eq]
-            m = [(pi + qi) / 2 for pi, qi in zip(p, q)]
-            total += 0.5 * sum(pi * math.log(pi / mi) for pi, mi in zip(p, m))
-            total += 0.5 * sum(qi * math.log(qi / mi) for qi, mi in zip(q, m))
+            m = [(pi + qi) / 2 for pi, qi in zip(p, q, strict=True)]
+            total += 0.5 * sum(pi * math.log(pi / mi) for pi, mi in zip(p, m, strict=True))
+            total += 0.5 * sum(qi * math.log(qi / mi) for qi, mi in zip(q, m, strict=True))
     return total / b_count
 
 
 def _ref_circle(sims, positive, gamma, margin) -> float:
     losses_per_query = []
-    for row, pos_row in zip(sims.tolist(), positive.tolist()):
-        sp = [s for s, p in zip(row, pos_row) if p]
-        sn = [s for s, p in zip(row, pos_row) if not p]
+    for row, pos_row in zip(sims.tolist(), positive.tolist(), strict=True):
+        sp = [s for s, p in zip(row, pos_row, strict=True) if p]
+        sn = [s for s, p in zip(row, pos_row, strict=True) if not p]
         if not sp or not sn:
             continue
         # log(1 + sum_n sum_p exp(gamma a_n (s_n - m) - gamma a_p (s_p - 1 + m))), the double sum
         terms = [
-            gamma * max(s_n + margin, 0) * (s_n - margin) - gamma * max(1 + margin - s_p, 0) * (s_p - 1 + margin)
+            gamma * max(s_n + margin, 0) * (s_n - margin)
+            - gamma * max(1 + margin - s_p, 0) * (s_p - 1 + margin)
             for s_n in sn
             for s_p in sp
         ]
@@ -80,7 +81,9 @@ def _ref_huber(pred, target, delta) -> float:
 # --- values against the references ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("b,k,c,tau,beta", [(2, 6, 8, 0.07, 1.0), (3, 11, 5, 0.2, 0.5), (2, 16, 4, 0.07, 5.0)])
+@pytest.mark.parametrize(
+    "b,k,c,tau,beta", [(2, 6, 8, 0.07, 1.0), (3, 11, 5, 0.2, 0.5), (2, 16, 4, 0.07, 5.0)]
+)
 def test_patch_contrastive_matches_loop_reference(b, k, c, tau, beta):
     w, z = _unit(b, k, c, seed=1), _unit(b, k, c, seed=2)
     got = losses.patch_contrastive_loss(w.float(), z.float(), tau=tau, beta=beta)
@@ -116,7 +119,9 @@ def test_patch_contrastive_detaches_z_and_gradchecks_w():
     z_leaf = z.clone().requires_grad_(True)
     losses.patch_contrastive_loss(w, z_leaf).backward()
     assert z_leaf.grad is None and torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0
-    assert torch.autograd.gradcheck(lambda x: losses.patch_contrastive_loss(x, z, tau=0.2), (w.detach().requires_grad_(),))
+    assert torch.autograd.gradcheck(
+        lambda x: losses.patch_contrastive_loss(x, z, tau=0.2), (w.detach().requires_grad_(),)
+    )
 
 
 def test_patch_contrastive_tiny_tau_stays_finite():
@@ -136,7 +141,9 @@ def test_intra_correlation_matches_loop_reference(b, k, c):
     got = losses.intra_correlation_loss(w.float(), z.float())
     assert got.dtype == torch.float32
     assert got.item() == pytest.approx(_ref_intra_correlation(w, z), abs=1e-6)
-    assert losses.intra_correlation_loss(w, z).item() == pytest.approx(_ref_intra_correlation(w, z), abs=1e-12)
+    assert losses.intra_correlation_loss(w, z).item() == pytest.approx(
+        _ref_intra_correlation(w, z), abs=1e-12
+    )
 
 
 def test_intra_correlation_identical_is_zero_and_bounded():
@@ -171,7 +178,9 @@ def test_circle_matches_loop_reference(gamma, margin):
     got = losses.circle_loss(sims.float(), positive, gamma=gamma, margin=margin)
     assert got.dtype == torch.float32
     assert got.item() == pytest.approx(ref, rel=1e-5, abs=1e-5)
-    assert losses.circle_loss(sims, positive, gamma=gamma, margin=margin).item() == pytest.approx(ref, rel=1e-12)
+    assert losses.circle_loss(sims, positive, gamma=gamma, margin=margin).item() == pytest.approx(
+        ref, rel=1e-12
+    )
 
 
 def test_circle_gradient_treats_weights_as_constants():
@@ -198,7 +207,9 @@ def test_circle_rows_without_positives_or_negatives_are_excluded():
     sims.requires_grad_(True)
     got = losses.circle_loss(sims, positive)
     keep = [0, 3]
-    assert got.item() == pytest.approx(_ref_circle(sims.detach()[keep], positive[keep], 256.0, 0.25), rel=1e-12)
+    assert got.item() == pytest.approx(
+        _ref_circle(sims.detach()[keep], positive[keep], 256.0, 0.25), rel=1e-12
+    )
     got.backward()
     assert torch.isfinite(sims.grad).all()
     assert (sims.grad[1] == 0).all() and (sims.grad[2] == 0).all() and sims.grad[0].abs().sum() > 0
@@ -248,14 +259,19 @@ def test_patch_losses_validate_shapes():
 
 def test_smooth_l1_is_huber_not_smoothl1_beta():
     g = torch.Generator().manual_seed(23)
-    pred, target = torch.randn(2, 2, 5, 5, generator=g, dtype=torch.float64) * 3, torch.randn(2, 2, 5, 5, generator=g, dtype=torch.float64)
+    pred, target = (
+        torch.randn(2, 2, 5, 5, generator=g, dtype=torch.float64) * 3,
+        torch.randn(2, 2, 5, 5, generator=g, dtype=torch.float64),
+    )
     for delta in (1.0, 2.0, 0.3):
         got = losses.smooth_l1_loss(pred, target, delta=delta)
         assert got.item() == pytest.approx(_ref_huber(pred, target, delta), rel=1e-12)
         assert got.item() == pytest.approx(torch.nn.HuberLoss(delta=delta)(pred, target).item(), rel=1e-12)
     at2 = losses.smooth_l1_loss(pred, target, delta=2.0).item()
     assert at2 != pytest.approx(torch.nn.SmoothL1Loss(beta=2.0)(pred, target).item(), rel=1e-3)
-    assert losses.smooth_l1_loss(pred, target).item() == pytest.approx(torch.nn.SmoothL1Loss()(pred, target).item())
+    assert losses.smooth_l1_loss(pred, target).item() == pytest.approx(
+        torch.nn.SmoothL1Loss()(pred, target).item()
+    )
     with pytest.raises(ValueError, match="target must have the shape of pred"):
         losses.smooth_l1_loss(pred, target[:1])
     p = pred.clone().requires_grad_(True)
@@ -272,10 +288,14 @@ def test_lsgan_formulas_with_half_factors():
     assert losses.lsgan_g_loss(zeros).item() == pytest.approx(0.5)
     assert losses.lsgan_g_loss(ones).item() == 0.0
     g = torch.Generator().manual_seed(24)
-    real, fake = torch.randn(3, 1, 5, 5, generator=g, dtype=torch.float64), torch.randn(3, 1, 6, 6, generator=g, dtype=torch.float64)
-    ref_d = 0.5 * sum((v - 1) ** 2 for v in real.flatten().tolist()) / real.numel() + 0.5 * sum(
-        v * v for v in fake.flatten().tolist()
-    ) / fake.numel()
+    real, fake = (
+        torch.randn(3, 1, 5, 5, generator=g, dtype=torch.float64),
+        torch.randn(3, 1, 6, 6, generator=g, dtype=torch.float64),
+    )
+    ref_d = (
+        0.5 * sum((v - 1) ** 2 for v in real.flatten().tolist()) / real.numel()
+        + 0.5 * sum(v * v for v in fake.flatten().tolist()) / fake.numel()
+    )
     assert losses.lsgan_d_loss(real, fake).item() == pytest.approx(ref_d, rel=1e-12)
     ref_g = 0.5 * sum((v - 1) ** 2 for v in fake.flatten().tolist()) / fake.numel()
     assert losses.lsgan_g_loss(fake).item() == pytest.approx(ref_g, rel=1e-12)
@@ -293,7 +313,9 @@ def test_kl_divergence_xlogy_and_eps_on_q_only():
     got = losses.kl_divergence(p, q)
     assert got.shape == (2,) and torch.isfinite(got).all()
     assert got[0].item() == pytest.approx(math.log(2), rel=1e-7)  # the zero in p contributes 0
-    expected1 = 0.2 * math.log(0.2 / 1e-8) + 0.3 * math.log(0.3 / (0.5 + 1e-8)) + 0.5 * math.log(0.5 / (0.5 + 1e-8))
+    expected1 = (
+        0.2 * math.log(0.2 / 1e-8) + 0.3 * math.log(0.3 / (0.5 + 1e-8)) + 0.5 * math.log(0.5 / (0.5 + 1e-8))
+    )
     assert got[1].item() == pytest.approx(expected1, rel=1e-12)
     assert losses.kl_divergence(q, q)[0].item() == pytest.approx(0.0, abs=1e-7)
     # broadcasting: memory values [B,k,D] against targets [B,1,D]
