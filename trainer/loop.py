@@ -8,7 +8,9 @@ uneven data; a failure on any rank surfaces within run.collective_timeout_s.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -297,6 +299,30 @@ class Runner:
         gen.train(was_training)
         save_sample_grid(self.out_dir / "samples" / f"{name or f'step-{done:07d}'}.png", b["light"], fake, b["ab"])
 
+    def ddp_max_param_diff(self) -> float:
+        """Largest |difference| of any parameter between this rank and rank 0 (NVlabs-style check)."""
+        if self.world == 1:
+            return 0.0
+        worst = torch.zeros((), device=self.acc.device)
+        for module in (self.extractor, self.gen, self.disc):
+            for p in self.acc.unwrap_model(module).parameters():
+                ref = p.detach().clone()
+                torch.distributed.broadcast(ref, src=0)
+                worst = torch.maximum(worst, (p.detach() - ref).abs().max())
+        torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MAX)
+        return float(worst)
+
+    def write_summary(self, result: dict[str, Any]) -> None:
+        """run_summary.json: per-rank memory traffic, DDP consistency, where the run started and ended."""
+        mine = {"rank": self.rank, "pid": os.getpid(), "memory_queries": self.memory.calls["query"],
+                "memory_updates": self.memory.calls["update"]}
+        ranks = gather_object([mine]) if self.world > 1 else [mine]
+        diff = self.ddp_max_param_diff()
+        if self.main:
+            summary = dict(result, ranks=ranks, ddp_max_param_diff=diff, world_size=self.world,
+                           start_step=self.start_step, resumed_from=str(self.resume_from) if self.resume_from else None)
+            (self.out_dir / "run_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
+
     def save(self, done: int) -> None:
         """Checkpoint at global step `done`: all ranks' updates for it have landed (barrier) first."""
         t0 = time.perf_counter()
@@ -314,6 +340,7 @@ class Runner:
                      "opt_d": self.opt_d.state_dict(), "sched_g": self.sched_g.state_dict(),
                      "sched_d": self.sched_d.state_dict()}
             meta = {"phase": 1 if done <= self.cfg.phase1.steps else 2, "world_size": self.world,
+                    "writer_rank": self.rank, "writer_pid": os.getpid(),
                     "memory_version": int(memory_state["version"]), "memory_name": self.cfg.memory.name,
                     "phase1_steps": self.cfg.phase1.steps, "phase2_steps": self.cfg.phase2.steps}
             path = ckpt_io.save_checkpoint(self.out_dir, done, self.cfg, models, optim, rng, memory_state, meta,
@@ -341,7 +368,9 @@ def run(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
                  {k: v for k, v in config_to_dict(cfg).items() if k in ("data", "model")})
     try:
         runner.setup()
-        return runner.run()
+        result = runner.run()
+        runner.write_summary(result)
+        return result
     finally:
         runner.close()
         if torch.distributed.is_available() and torch.distributed.is_initialized():

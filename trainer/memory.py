@@ -43,6 +43,7 @@ class TrainerMemory:
             if broadcast_object is not None:
                 endpoint = broadcast_object(endpoint)
         self.endpoint = endpoint
+        self.calls = {"query": 0, "update": 0}
         self.client = MemoryClient(endpoint, timeout_ms=cfg.timeout_ms, retries=cfg.retries, memory=cfg.name)
 
     # --- set-up -----------------------------------------------------------------------------------
@@ -53,10 +54,12 @@ class TrainerMemory:
 
     # --- the ops the loop uses --------------------------------------------------------------------
     def query(self, q: np.ndarray, k: int, targets: np.ndarray | None = None, fields=(), memory=None) -> dict:
+        self.calls["query"] += 1
         return self.client.query(q, k=k, targets=targets, fields=tuple(fields), memory=memory)
 
     def update(self, q: np.ndarray, v: np.ndarray, threshold: float, age_noise: float, seed: int,
                item_ids: np.ndarray | None = None) -> dict:
+        self.calls["update"] += 1
         return self.client.update(q, v, threshold=threshold, age_noise=age_noise, seed=seed, item_ids=item_ids)
 
     def info(self) -> dict:

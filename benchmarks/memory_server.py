@@ -1,0 +1,322 @@
+"""Memory-server benchmark (issue 3): search, update, wire bytes, restart, overload; one table.
+
+Every end-to-end figure has its baseline measured in the same run: the same query on an identical
+in-process store (InProcessMemory, same seed), and the machine's sgemm rate for the compute bound of
+SYSTEMS.md 3.3. In-process and server runs are interleaved round by round and medians reported, because
+this shared VM's speed swings several-fold over minutes.
+
+    python benchmarks/memory_server.py            # full: m = 1e4 and 1e5 (several minutes on 2 cores)
+    python benchmarks/memory_server.py --quick    # m = 1e4 only, fewer repetitions (< 1 minute)
+    python benchmarks/memory_server.py --backend torch   # torch backend (CUDA when present)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the server sets it, so the baseline matches
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from memory_server.client import MemoryClient  # noqa: E402
+from memory_server.effects import UpdateEffect, to_record  # noqa: E402
+from memory_server.launcher import start_server  # noqa: E402
+from memory_server.local import InProcessMemory  # noqa: E402
+from memory_server.wal import WalWriter  # noqa: E402
+
+DK, DV, NQ = 512, 313, 256
+
+
+def sgemm_rate(backend: str) -> tuple[float, str]:
+    """Best fp32 GEMM rate (FLOP/s) of this machine, measured in a child process so BLAS threads spinning
+    after the GEMM cannot slow the searches measured here; on CUDA, torch fp32 matmul on the device."""
+    if backend == "torch":
+        import torch  # noqa: PLC0415
+        if torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = False
+            a = torch.randn(8192, 8192, device="cuda")
+            for _ in range(3):
+                a @ a
+            torch.cuda.synchronize()
+            best = 1e9
+            for _ in range(10):
+                t = time.perf_counter()
+                a @ a
+                torch.cuda.synchronize()
+                best = min(best, time.perf_counter() - t)
+            return 2 * 8192**3 / best, "torch fp32 matmul 8192^3 on " + torch.cuda.get_device_name()
+    code = ("import numpy as np, time\na = np.random.rand(2048, 2048).astype(np.float32)\nb = a @ a\nbest = 9e9\n"
+            "for _ in range(8):\n    t = time.perf_counter(); a @ a; best = min(best, time.perf_counter() - t)\n"
+            "print(2 * 2048**3 / best)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip()), "numpy sgemm 2048^3 (OpenBLAS, all cores)"
+
+
+def timed(fn, reps: int) -> list[float]:
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def pct(xs: list[float], p: float) -> float:
+    return float(np.percentile(np.asarray(xs), p))
+
+
+def unit_rows(rng: np.random.Generator, n: int, d: int = DK) -> np.ndarray:
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def targets(rng: np.random.Generator, n: int) -> np.ndarray:
+    v = rng.random((n, DV)) * (rng.random((n, DV)) < 0.1)
+    v[:, 0] += 1e-3
+    return (v / v.sum(1, keepdims=True)).astype(np.float32)
+
+
+# ---- search -------------------------------------------------------------------------------------
+
+def bench_search(m: int, backend: str, rounds: int, reps: int, tmp: Path, rate: float) -> list[dict]:
+    rng = np.random.default_rng(0)
+    q = unit_rows(rng, NQ)
+    local = InProcessMemory(capacity=m, key_dim=DK, value_dim=DV, seed=1, backend=backend)
+    mem = local.store.memories["default"]
+    flags = ["--seed", "1", "--backend", backend]
+    tcp = start_server(None, durability="none", capacity=m, key_dim=DK, value_dim=DV, extra_args=flags)
+    ipc = start_server(None, bind=f"ipc://{tmp}/bench-{os.getpid()}.sock", durability="none", capacity=m,
+                       key_dim=DK, value_dim=DV, extra_args=flags)
+    rows = []
+    q_hat = q.copy()  # already unit rows: what the engine hands the search
+    try:
+        clients = {"tcp": MemoryClient(tcp.endpoint, timeout_ms=600_000),
+                   "ipc": MemoryClient(ipc.endpoint, timeout_ms=600_000)}
+        for k in (1, 256):
+            for c in clients.values():  # same store content: same answers
+                assert np.array_equal(c.query(q, k)["slots"], local.query(q, k)["slots"])
+            times: dict[str, list[float]] = {"search": [], "inproc": [], "tcp": [], "ipc": []}
+            for _ in range(rounds):
+                times["search"] += timed(lambda k=k: mem.search(q_hat, k), reps)
+                times["inproc"] += timed(lambda k=k: local.query(q, k), reps)
+                for name, c in clients.items():
+                    times[name] += timed(lambda c=c, k=k: c.query(q, k), reps)
+            med = {n: pct(t, 50) for n, t in times.items()}
+            bound = 2 * NQ * m * DK / rate
+            rows.append({"m": m, "k": k, "search_ms": med["search"] * 1e3, "bound_ms": bound * 1e3,
+                         "pct_of_bound": 100 * bound / med["search"], "inproc_ms": med["inproc"] * 1e3,
+                         "tcp_ms": med["tcp"] * 1e3, "ipc_ms": med["ipc"] * 1e3,
+                         "tcp_ratio": med["inproc"] / med["tcp"], "ipc_ratio": med["inproc"] / med["ipc"],
+                         "tcp_p99_ms": pct(times["tcp"], 99) * 1e3})
+        for c in clients.values():
+            c.close()
+    finally:
+        tcp.stop()
+        ipc.stop()
+    return rows
+
+
+# ---- update -------------------------------------------------------------------------------------
+
+def bench_update(m: int, backend: str, reps: int, tmp: Path) -> list[dict]:
+    rng = np.random.default_rng(1)
+    batches = [(unit_rows(rng, NQ), targets(rng, NQ)) for _ in range(8)]
+    rows = []
+    local = InProcessMemory(capacity=m, key_dim=DK, value_dim=DV, seed=1, backend=backend)
+    mem = local.store.memories["default"]
+    search = timed(lambda: mem.search(batches[0][0], 1), reps)
+    t = [timed(lambda i=i: local.update(*batches[i % 8], threshold=1.0, age_noise=4.0), 1)[0] for i in range(reps)]
+    rows.append({"m": m, "mode": "in-process (no log)", "p50_ms": pct(t, 50) * 1e3, "p99_ms": pct(t, 99) * 1e3,
+                 "rule_p50_ms": (pct(t, 50) - pct(search, 50)) * 1e3})
+    for durability in ("none", "batch", "always"):
+        data = tmp / f"upd-{m}-{durability}"
+        srv = start_server(data if durability != "none" else None, durability=durability, capacity=m, key_dim=DK,
+                           value_dim=DV, extra_args=["--seed", "1", "--backend", backend,
+                                                     "--snapshot-wal-bytes", str(1 << 40)])
+        try:
+            with MemoryClient(srv.endpoint, timeout_ms=600_000) as c:
+                c.update(*batches[0], threshold=1.0)
+                t = [timed(lambda i=i: c.update(*batches[i % 8], threshold=1.0, age_noise=4.0), 1)[0]
+                     for i in range(reps)]
+        finally:
+            srv.kill()  # no final snapshot: it is not what is measured
+        rows.append({"m": m, "mode": f"tcp, durability {durability}", "p50_ms": pct(t, 50) * 1e3,
+                     "p99_ms": pct(t, 99) * 1e3, "rule_p50_ms": float("nan")})
+    return rows
+
+
+# ---- bytes on the wire per phase-1 step -----------------------------------------------------------
+
+def scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(memsrv_\w+_bytes_total\{[^}]*\}) (\S+)$", text, re.M)}
+
+
+def bench_wire(backend: str, m: int = 10_000, batch: int = 4, k: int = 256) -> list[dict]:
+    rng = np.random.default_rng(2)
+    srv = start_server(None, durability="none", capacity=m, key_dim=DK, value_dim=DV,
+                       extra_args=["--seed", "1", "--backend", backend, "--metrics-port", "0"])
+    rows = []
+    try:
+        with MemoryClient(srv.endpoint, timeout_ms=600_000) as c:
+            port = c.info()["metrics_port"]
+            for label, fields in (("query keys for the loss (fields=['keys'])", ["keys"]),
+                                  ("query slots/sims/kl only", [])):
+                q, v = unit_rows(rng, batch), targets(rng, batch)
+                before = scrape(port)
+                c.query(q, k, targets=v, fields=fields)
+                c.update(q, v, threshold=1.5, age_noise=4.0)
+                after = scrape(port)
+                d = {key: after[key] - before.get(key, 0.0) for key in after}
+                req = sum(val for key, val in d.items() if "request_bytes" in key and 'op="info"' not in key)
+                rep = sum(val for key, val in d.items() if "response_bytes" in key and 'op="info"' not in key)
+                rows.append({"variant": label, "request_bytes": req, "reply_bytes": rep,
+                             "total_mib": (req + rep) / 2**20})
+    finally:
+        srv.stop()
+    return rows
+
+
+# ---- restart to serving --------------------------------------------------------------------------
+
+def bench_restart(m: int, n_updates: int, backend: str, tmp: Path) -> dict:
+    data = tmp / f"restart-{m}"
+    srv = start_server(data, capacity=m, key_dim=DK, value_dim=DV, extra_args=["--seed", "1", "--backend", backend])
+    with MemoryClient(srv.endpoint, timeout_ms=600_000) as c:
+        version = c.snapshot()["version"]
+    srv.stop()
+    snap_bytes = sum(p.stat().st_size for p in data.glob("snap-*/**/*") if p.is_file())
+    # The WAL records a 4-row update produces (the trainer's batch), written through the server's own
+    # WAL writer: generating them through the server would cost 10,000 exact searches over m keys.
+    rng = np.random.default_rng(3)
+    seg = sorted(data.glob("wal-*.log"))[-1]
+    writer = WalWriter(seg)
+    for i in range(n_updates):
+        slots = rng.choice(m, 4, replace=False).astype(np.int64)
+        eff = UpdateEffect("default", version + i + 1, f"bench-{i}", slots, unit_rows(rng, 4), slots[2:],
+                           targets(rng, 2), np.arange(2, dtype=np.int64), np.array([1, 1, 0, 0], bool), slots)
+        writer.append(*to_record(eff))
+    writer.sync()
+    writer.close()
+    wal_bytes = seg.stat().st_size
+    q = unit_rows(rng, NQ)
+    t0 = time.perf_counter()
+    srv = start_server(data, extra_args=["--backend", backend])
+    t_ready = time.perf_counter() - t0
+    with MemoryClient(srv.endpoint, timeout_ms=600_000) as c:
+        got = c.query(q, 1)["version"]
+    t_first = time.perf_counter() - t0
+    srv.kill()
+    assert got == version + n_updates, (got, version + n_updates)
+    return {"m": m, "updates": n_updates, "snapshot_mib": snap_bytes / 2**20, "wal_mib": wal_bytes / 2**20,
+            "ready_s": t_ready, "first_query_s": t_first}
+
+
+# ---- 4 clients -----------------------------------------------------------------------------------
+
+def _client_worker(endpoint: str, seconds: float, seed: int, m: int) -> tuple[list[float], int]:
+    import msgpack  # noqa: PLC0415
+    import zmq  # noqa: PLC0415
+    q = unit_rows(np.random.default_rng(seed), NQ)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    head = {"v": 1, "op": "query", "args": {"k": 1}, "arrays": [["q", "float32", [NQ, DK]]]}
+    lat, busy, i = [], 0, 0
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        i += 1
+        t = time.perf_counter()
+        sock.send_multipart([msgpack.packb({**head, "id": i}), q], copy=False)
+        reply = msgpack.unpackb(sock.recv_multipart()[0])
+        if reply["ok"]:
+            lat.append(time.perf_counter() - t)
+        else:
+            busy += 1
+            time.sleep(0.005)  # back off as MemoryClient does
+    sock.close(0)
+    return lat, busy
+
+
+def bench_clients(m: int, backend: str, seconds: float, max_queue: int) -> dict:
+    srv = start_server(None, durability="none", capacity=m, key_dim=DK, value_dim=DV,
+                       extra_args=["--seed", "1", "--backend", backend, "--max-queue", str(max_queue)])
+    try:
+        with multiprocessing.get_context("spawn").Pool(4) as pool:
+            res = pool.starmap(_client_worker, [(srv.endpoint, seconds, s, m) for s in range(4)])
+    finally:
+        srv.stop()
+    lat = [x for r, _ in res for x in r]
+    busy = sum(b for _, b in res)
+    return {"m": m, "max_queue": max_queue, "req_s": len(lat) / seconds, "p50_ms": pct(lat, 50) * 1e3,
+            "p99_ms": pct(lat, 99) * 1e3, "busy_share": busy / max(1, busy + len(lat))}
+
+
+# ---- report --------------------------------------------------------------------------------------
+
+def table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
+    head = "| " + " | ".join(c[1] for c in cols) + " |"
+    sep = "|" + "|".join("---" for _ in cols) + "|"
+    body = ["| " + " | ".join(format(r[c[0]], c[2]) if isinstance(r[c[0]], float) else str(r[c[0]]) for c in cols)
+            + " |" for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="m = 1e4 only, fewer repetitions (< 1 minute)")
+    ap.add_argument("--backend", default="faiss", choices=("faiss", "torch", "auto"))
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    args = ap.parse_args()
+    sizes = [10_000] if args.quick else [10_000, 100_000]
+    tmp = Path(tempfile.mkdtemp(prefix="memsrv-bench-"))
+    rate, rate_how = sgemm_rate(args.backend)
+    out: dict = {"backend": args.backend, "sgemm_gflops": rate / 1e9, "sgemm": rate_how, "search": [], "update": []}
+    for m in sizes:
+        big = m >= 100_000
+        out["search"] += bench_search(m, args.backend, rounds=2 if args.quick else 3,
+                                      reps=2 if big else (4 if args.quick else 8), tmp=tmp, rate=rate)
+    for m in sizes:
+        out["update"] += bench_update(m, args.backend, reps=10 if m >= 100_000 else (20 if args.quick else 60), tmp=tmp)
+    out["wire"] = bench_wire(args.backend)
+    out["restart"] = bench_restart(sizes[-1], 1_000 if args.quick else 10_000, args.backend, tmp)
+    out["clients"] = [bench_clients(10_000, args.backend, 2.0 if args.quick else 6.0, mq) for mq in (1, 64)]
+
+    print(f"\nMemory server benchmark, backend {args.backend}; compute bound from {rate_how}: {rate / 1e9:.0f} GFLOP/s")
+    print(f"{NQ} queries/request, d={DK}; ratio = in-process time / end-to-end time (throughput ratio)\n")
+    print(table(out["search"], [("m", "m", "d"), ("k", "k", "d"), ("search_ms", "search ms", ".1f"),
+                                ("bound_ms", "bound ms", ".1f"), ("pct_of_bound", "% of bound", ".0f"),
+                                ("inproc_ms", "in-process ms", ".1f"), ("tcp_ms", "tcp ms", ".1f"),
+                                ("tcp_ratio", "tcp ratio", ".2f"), ("ipc_ms", "ipc ms", ".1f"),
+                                ("ipc_ratio", "ipc ratio", ".2f"), ("tcp_p99_ms", "tcp p99 ms", ".1f")]))
+    print(f"\nUpdate, {NQ} rows, age_noise 4 ('rule' = update minus its k=1 search, in-process)\n")
+    print(table(out["update"], [("m", "m", "d"), ("mode", "mode", "s"), ("p50_ms", "p50 ms", ".2f"),
+                                ("p99_ms", "p99 ms", ".2f"), ("rule_p50_ms", "rule p50 ms", ".2f")]))
+    print("\nBytes on the wire per phase-1 step (batch 4, k=256: one query with targets + one update)\n")
+    print(table(out["wire"], [("variant", "variant", "s"), ("request_bytes", "request B", ".0f"),
+                              ("reply_bytes", "reply B", ".0f"), ("total_mib", "MiB/step", ".3f")]))
+    r = out["restart"]
+    print(f"\nRestart to serving, m={r['m']}: snapshot {r['snapshot_mib']:.0f} MiB + {r['updates']} logged 4-row "
+          f"updates ({r['wal_mib']:.1f} MiB WAL): READY after {r['ready_s']:.2f} s, first query answered after "
+          f"{r['first_query_s']:.2f} s\n")
+    print(table(out["clients"], [("m", "m", "d"), ("max_queue", "--max-queue", "d"), ("req_s", "req/s", ".1f"),
+                                 ("p50_ms", "admitted p50 ms", ".1f"), ("p99_ms", "admitted p99 ms", ".1f"),
+                                 ("busy_share", "busy share", ".2f")]))
+    print("(4 client processes, k=1, 256 queries/request)")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""Exact inner-product search backends over a preallocated key array, with deterministic ties.
+
+`faiss` searches the live numpy key array directly (faiss.knn: blocked sgemm + top-k, no index to
+rebuild); `torch` keeps a device mirror of the keys (CUDA, or a zero-copy view on the CPU) and does a
+chunked matmul + topk into a preallocated buffer. torch and faiss are imported lazily, only here.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from typing import Any, Protocol
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+BACKEND_CHOICES = ("auto", "faiss", "torch")
+_TORCH_CHUNK = 65_536  # key rows per matmul tile: [B, 65536] f32 tile = 64 MiB at B = 256
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested search backend cannot run here (missing package or device)."""
+
+
+def import_faiss() -> Any:
+    """Import faiss or raise BackendUnavailable with the install hint."""
+    try:
+        import faiss  # noqa: PLC0415 - optional heavy dependency, imported on first use
+    except ImportError as exc:
+        raise BackendUnavailable(
+            f"faiss is not installed ({exc}); install pccnet[cpu] or pccnet[gpu]"
+        ) from exc
+    return faiss
+
+
+def import_torch() -> Any:
+    """Import torch or raise BackendUnavailable."""
+    try:
+        import torch  # noqa: PLC0415 - only the torch backend needs it
+    except ImportError as exc:
+        raise BackendUnavailable(f"--backend torch needs torch ({exc})") from exc
+    return torch
+
+
+def nvidia_gpu_visible() -> bool:
+    """Cheap check for an NVIDIA driver and device node (no CUDA initialisation)."""
+    return os.path.exists("/proc/driver/nvidia/version") or bool(glob.glob("/dev/nvidia[0-9]*"))
+
+
+def resolve_backend(choice: str) -> str:
+    """Concrete backend name for a --backend choice: faiss-cpu, faiss-gpu, torch-cuda or torch-cpu."""
+    if choice not in BACKEND_CHOICES:
+        raise BackendUnavailable(f"unknown backend {choice!r}; choose one of {BACKEND_CHOICES}")
+    if choice == "torch":
+        torch = import_torch()
+        return "torch-cuda" if torch.cuda.is_available() else "torch-cpu"
+    faiss = import_faiss()
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if choice == "faiss":
+        return "faiss-gpu" if gpus > 0 else "faiss-cpu"
+    # auto: faiss-gpu when installed with a GPU; torch on CUDA when a GPU exists without faiss-gpu.
+    if gpus > 0:
+        return "faiss-gpu"
+    if not nvidia_gpu_visible():
+        return "faiss-cpu"  # importing torch only to learn there is no GPU costs seconds
+    try:
+        torch = import_torch()
+        if torch.cuda.is_available():
+            return "torch-cuda"
+    except BackendUnavailable:
+        pass
+    return "faiss-cpu"
+
+
+class Searcher(Protocol):
+    """Exact top-k inner-product search over one memory's keys."""
+
+    name: str
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (sims [B,k] f32 descending, slots [B,k] i64), ties by lower slot."""
+
+    def keys_written(self, slots: np.ndarray) -> None:
+        """Rows `slots` of the key array changed in place."""
+
+    def close(self) -> None:
+        """Release device memory."""
+
+
+def fix_ties(sims: np.ndarray, slots: np.ndarray, k: int, q: np.ndarray,
+             row_sims: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Make ties deterministic: order equal sims by slot; recompute rows tied across the k boundary.
+
+    `sims`/`slots` hold the top-k' (k' = k+1 when more slots exist) with correct values but possibly
+    arbitrary slots among equal values. `row_sims(q_row)` returns all m similarities of one query.
+    """
+    kp = sims.shape[1]
+    if kp > k:
+        boundary = sims[:, k] == sims[:, k - 1]
+        sims, slots = sims[:, :k].copy(), slots[:, :k].copy()
+        for i in np.flatnonzero(boundary):
+            s = row_sims(q[i])
+            order = np.lexsort((np.arange(s.shape[0]), -s))[:k]
+            slots[i] = order
+            sims[i] = s[order]
+    if k > 1:
+        rows = np.flatnonzero(np.any(sims[:, 1:] == sims[:, :-1], axis=1))
+        for i in rows:
+            order = np.lexsort((slots[i], -sims[i]))
+            sims[i], slots[i] = sims[i][order], slots[i][order]
+    return sims, slots
+
+
+def _numpy_row_sims(keys: np.ndarray):
+    def row_sims(q_row: np.ndarray) -> np.ndarray:
+        return np.einsum("ij,j->i", keys, q_row)
+    return row_sims
+
+
+class FaissSearcher:
+    """faiss.knn on the live key array: exact, no index object to keep in sync."""
+
+    def __init__(self, keys: np.ndarray) -> None:
+        self._faiss = import_faiss()
+        self.keys = keys
+        self.name = "faiss-cpu"
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        m = self.keys.shape[0]
+        # faiss's k=1 path keeps the first maximum (lower slot); the heap (k<100) and reservoir (k>=100)
+        # paths may drop a lower slot tied at the boundary, hence k+1 and fix_ties.
+        kp = k if k == 1 else min(k + 1, m)
+        sims, slots = self._faiss.knn(q, self.keys, kp, metric=self._faiss.METRIC_INNER_PRODUCT)
+        return fix_ties(sims, slots, k, q, _numpy_row_sims(self.keys))
+
+    def keys_written(self, slots: np.ndarray) -> None:
+        """The search reads the numpy array itself: nothing to sync."""
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+class TorchSearcher:
+    """Chunked matmul + topk on a torch mirror of the keys (CUDA), or a zero-copy CPU view."""
+
+    def __init__(self, keys: np.ndarray, device: str | None = None, use_faiss_gpu: bool = False) -> None:
+        torch = import_torch()
+        self._torch = torch
+        self.keys = keys
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if self.device.type == "cpu":
+            self.dev_keys = torch.from_numpy(keys)  # shares memory: in-place writes are seen
+        else:
+            self.dev_keys = torch.from_numpy(keys).to(self.device)
+        self._tile: Any = None
+        self._faiss_res: Any = None
+        self.name = f"torch-{self.device.type}"
+        if use_faiss_gpu:
+            import faiss.contrib.torch_utils  # noqa: F401, PLC0415 - lets knn_gpu take torch tensors
+            self._faiss = import_faiss()
+            self._faiss_res = faiss.StandardGpuResources()
+            self.name = "faiss-gpu"
+
+    def _tile_for(self, rows: int, cols: int) -> Any:
+        """A contiguous [rows, cols] view of one reusable buffer (grown, never shrunk)."""
+        torch = self._torch
+        if self._tile is None or self._tile.numel() < rows * cols:
+            self._tile = torch.empty(rows * cols, dtype=torch.float32, device=self.device)
+        return self._tile[: rows * cols].view(rows, cols)
+
+    def _topk(self, qt: Any, k: int) -> tuple[Any, Any]:
+        torch = self._torch
+        m = self.dev_keys.shape[0]
+        if self._faiss_res is not None:
+            sims, slots = self._faiss.knn_gpu(self._faiss_res, qt, self.dev_keys, k,
+                                              metric=self._faiss.METRIC_INNER_PRODUCT)
+            return sims, slots
+        best_s = best_i = None
+        for j0 in range(0, m, _TORCH_CHUNK):
+            j1 = min(j0 + _TORCH_CHUNK, m)
+            tile = self._tile_for(qt.shape[0], j1 - j0)
+            torch.matmul(qt, self.dev_keys[j0:j1].T, out=tile)
+            s, i = torch.topk(tile, min(k, j1 - j0), dim=1, largest=True, sorted=True)
+            i = i + j0
+            if best_s is None:
+                best_s, best_i = s, i
+            else:
+                cat_s, cat_i = torch.cat([best_s, s], 1), torch.cat([best_i, i], 1)
+                best_s, pos = torch.topk(cat_s, min(k, cat_s.shape[1]), dim=1, largest=True, sorted=True)
+                best_i = torch.gather(cat_i, 1, pos)
+        return best_s, best_i
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        torch = self._torch
+        m = self.keys.shape[0]
+        kp = min(k + 1, m)
+        with torch.no_grad():
+            qt = torch.from_numpy(np.ascontiguousarray(q)).to(self.device)
+            s, i = self._topk(qt, kp)
+            sims, slots = s.cpu().numpy(), i.cpu().numpy().astype(np.int64)
+
+        def row_sims(q_row: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                qr = torch.from_numpy(np.ascontiguousarray(q_row)).to(self.device)
+                return torch.mv(self.dev_keys, qr).cpu().numpy()
+
+        return fix_ties(sims, slots, k, q, row_sims)
+
+    def keys_written(self, slots: np.ndarray) -> None:
+        if self.device.type == "cpu" or slots.size == 0:
+            return
+        torch = self._torch
+        idx = torch.from_numpy(np.ascontiguousarray(slots, dtype=np.int64)).to(self.device)
+        rows = torch.from_numpy(np.ascontiguousarray(self.keys[slots])).to(self.device)
+        self.dev_keys.index_copy_(0, idx, rows)
+
+    def close(self) -> None:
+        self.dev_keys = None
+        self._tile = None
+        if self.device.type == "cuda":
+            self._torch.cuda.empty_cache()
+
+
+def make_searcher(backend: str, keys: np.ndarray) -> Searcher:
+    """A searcher of the resolved `backend` name over `keys` [m, dk] float32 (C-contiguous)."""
+    if backend == "faiss-cpu":
+        return FaissSearcher(keys)
+    if backend == "faiss-gpu":
+        return TorchSearcher(keys, device="cuda", use_faiss_gpu=True)
+    if backend == "torch-cuda":
+        return TorchSearcher(keys, device="cuda")
+    if backend == "torch-cpu":
+        return TorchSearcher(keys, device="cpu")
+    raise BackendUnavailable(f"unknown backend {backend!r}")
