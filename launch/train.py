@@ -10,6 +10,7 @@ With `memory.address: null` rank 0 starts an embedded memory server inside run.o
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -37,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.loop import run
 
     result = run(cfg, resume=args.resume)
-    print(f"done: step {result['step']}, outputs in {result['out_dir']}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"done: step {result['step']}, outputs in {result['out_dir']}")
     return 0
 
 

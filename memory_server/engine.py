@@ -25,6 +25,7 @@ from .protocol import (
     DEFAULT_MAX_MEMORY_BYTES,
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_MEMORY,
+    DTYPES,
     OPS,
     PROTOCOL_VERSION,
     QUERY_FIELDS,
@@ -55,6 +56,7 @@ _ARGS = {"create": {"capacity", "key_dim", "value_dim", "seed"}, "query": {"k", 
 _ARRAYS = {"query": ({"q"}, {"targets"}), "update": ({"q", "v"}, {"item_ids"}), "get": ({"slots"}, set()),
            "put": ({"slots", "keys", "values"}, {"ages", "item_ids"})}
 _FLOATS = ("float32", "float16")
+_WIRE_NAMES = {dt: name for name, dt in DTYPES.items()}  # dtype.name is slow on a hot path
 
 
 class FatalError(RuntimeError):
@@ -125,7 +127,7 @@ def _array(arrays: dict[str, np.ndarray], name: str, dtypes: tuple[str, ...], sh
         if required:
             raise BadRequest(f"required array '{name}' is missing")
         return None
-    dname = "bool" if a.dtype == np.bool_ else a.dtype.name
+    dname = _WIRE_NAMES.get(a.dtype, str(a.dtype))
     if dname not in dtypes:
         raise BadDtype(f"array '{name}' has dtype {dname}; this op takes {' or '.join(dtypes)}")
     if a.ndim != len(shape) or any(want is not None and got != want for got, want in zip(a.shape, shape, strict=True)):

@@ -75,11 +75,15 @@ def merge_hit_keys(keys: np.ndarray, hit_slots: np.ndarray, q_hat: np.ndarray) -
     """
     order = np.argsort(hit_slots, kind="stable")  # rows grouped by slot, row order kept inside a group
     sorted_slots = hit_slots[order]
-    starts = np.flatnonzero(np.r_[True, sorted_slots[1:] != sorted_slots[:-1]])
-    uniq = sorted_slots[starts]
-    # keys[n] + (sum of the rows), the sum accumulated row by row in float64 (reduceat over axis 0).
+    first = np.r_[True, sorted_slots[1:] != sorted_slots[:-1]]
+    uniq = sorted_slots[first]
+    rows = q_hat[order].astype(np.float64)
+    # ((keys[n] + q_a) + q_b) + ..., in row order and float64; most slots are hit by one row, so the
+    # first rows go in one vectorised add and only the rare extra rows through add.at.
     acc = keys[uniq].astype(np.float64)
-    acc += np.add.reduceat(q_hat[order].astype(np.float64), starts, axis=0)
+    acc += rows[first]
+    if not first.all():
+        np.add.at(acc, (np.cumsum(first) - 1)[~first], rows[~first])
     norms = np.sqrt(np.einsum("ij,ij->i", acc, acc))
     zero = norms == 0
     if zero.any():

@@ -110,3 +110,22 @@ def test_torch_searcher_chunks_and_sees_in_place_writes(monkeypatch):
     keys[777] = q[0]
     s.keys_written(np.array([777]))
     assert s.search(q[:1], 1)[1][0, 0] == 777
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("k", [1, 300])
+def test_torch_cuda_searcher_ties_and_in_place_writes(k):
+    keys, q = _tied_keys()
+    s = TorchSearcher(keys, device="cuda")
+    np.testing.assert_array_equal(s.search(q, k)[1], _brute_topk(keys, q, k))
+    keys[2999] = q[0]  # the device mirror must follow in-place writes
+    s.keys_written(np.array([2999]))
+    assert s.search(q[:1], 1)[1][0, 0] == 2999

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 
 import numpy as np
@@ -19,7 +18,7 @@ from memory_server.client import MemoryClient
 from memory_server.launcher import start_server
 from trainhelpers import (
     env,
-    kill_group,
+    kill_tree,
     run_cmd,
     torchrun_cmd,
     wait_for,
@@ -80,10 +79,8 @@ def test_kill_9_then_resume_restores_the_memory(tmp_path, shards):
             with MemoryClient(server.endpoint) as client:
                 version = client.info()["version"]
                 wait_for(lambda: client.info()["version"] > version + 2, 120, "updates after the checkpoint", proc)
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
         finally:
-            kill_group(proc)
+            kill_tree(proc)  # kill -9 of the launcher, both ranks (and nothing else: the server is external)
         latest = max(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
         saved = np.load(out / "checkpoints" / latest / "memory.npz")
         with MemoryClient(server.endpoint) as client:
@@ -112,10 +109,8 @@ def test_resume_with_embedded_server_continues_to_the_end(tmp_path, shards):
                             text=True, start_new_session=True)
     try:
         wait_for((out / "checkpoints" / "step-0000006").is_dir, 300, "the step-6 checkpoint", proc)
-        os.killpg(proc.pid, signal.SIGKILL)  # trainer ranks and the embedded server alike
-        proc.wait(timeout=30)
     finally:
-        kill_group(proc)
+        kill_tree(proc)  # kill -9 of the launcher, both ranks and the embedded server alike
     latest = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
     res = run_cmd(torchrun_cmd(cfg, f"phase2.steps={latest - 3 + 2}"))  # default --resume auto
     assert res.returncode == 0, res.stdout[-4000:]
@@ -149,7 +144,7 @@ def test_server_dying_mid_run_is_reported_clearly(tmp_path, shards):
         server.kill()
         out_text, _ = proc.communicate(timeout=180)
     finally:
-        kill_group(proc)
+        kill_tree(proc)
         server.stop()
     assert proc.returncode != 0
     assert "MemoryUnavailable" in out_text and server.endpoint in out_text

@@ -74,18 +74,34 @@ def run_cmd(cmd: list[str], timeout: float = 420, cwd: Path | None = None) -> su
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        kill_group(proc)
+        kill_tree(proc)
         out, _ = proc.communicate()
         raise AssertionError(f"{cmd[:4]} timed out after {timeout}s; output:\n{out[-4000:]}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
 
 
-def kill_group(proc: subprocess.Popen) -> None:
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a process, its process group and every descendant (torchrun puts ranks in new sessions)."""
+    import psutil
+
+    try:
+        victims = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        victims = []
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    for child in victims:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
     proc.wait()
+    psutil.wait_procs(victims, timeout=30)
+
+
+kill_group = kill_tree
 
 
 def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, poll_s: float = 0.2):

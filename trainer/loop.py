@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import (
-    DistributedDataParallelKwargs,
     InitProcessGroupKwargs,
     broadcast_object_list,
     gather_object,
@@ -53,9 +52,6 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         mixed_precision=cfg.run.mixed_precision,
         kwargs_handlers=[
             InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.run.collective_timeout_s)),
-            # Instance norm everywhere, no running statistics worth syncing; avoids the in-place error
-            # of two D forwards before one backward (SYSTEMS.md 6).
-            DistributedDataParallelKwargs(broadcast_buffers=False),
         ],
     )
 
