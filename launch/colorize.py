@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--memory-name needs --memory (the checkpoint's own memory has a single name)")
 
     from trainer.images import load_rgb
-    from trainer.inference import Colorizer, expand_inputs
+    from trainer.inference import USER_ERRORS, Colorizer, expand_inputs
 
     try:
         paths = expand_inputs(args.input)
@@ -59,7 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     names = output_names(paths)
     failed = []
-    with Colorizer(args.checkpoint, device=args.device, memory=args.memory, memory_name=args.memory_name) as col:
+    try:
+        col = Colorizer(args.checkpoint, device=args.device, memory=args.memory, memory_name=args.memory_name)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with col:
         bar = tqdm(total=len(paths), desc="colorize", unit="img")
         for start in range(0, len(paths), args.batch_size):
             chunk = list(range(start, min(len(paths), start + args.batch_size)))

@@ -51,17 +51,26 @@ def main(argv: list[str] | None = None) -> int:
 
     from pccnet import metrics
     from pccnet.color import lab_from_network, lab_to_rgb
-    from trainer.data import make_eval_loader
-    from trainer.inference import Colorizer
+    from trainer.data import DataError, make_eval_loader
+    from trainer.inference import USER_ERRORS, Colorizer
 
-    col = Colorizer(args.checkpoint, device=args.device, memory=args.memory, memory_name=args.memory_name)
+    try:
+        col = Colorizer(args.checkpoint, device=args.device, memory=args.memory, memory_name=args.memory_name)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         data_cfg = col.cfg.data
         data_cfg.batch_size = args.batch_size
         data_cfg.workers = min(data_cfg.workers, 2)
         preds, reals = [], []
         psnr, lp, colorful, colorful_real = [], [], [], []
-        for batch in tqdm(make_eval_loader(args.data, data_cfg, 0, 1), desc="evaluate", unit="batch"):
+        try:
+            loader = make_eval_loader(args.data, data_cfg, 0, 1)
+        except DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        for batch in tqdm(loader, desc="evaluate", unit="batch"):
             light = batch["light"].to(col.device)
             real_ab = batch["ab"].to(col.device)
             fake_ab = torch.zeros_like(real_ab) if args.baseline == "gray" else col.predict_ab(light)

@@ -18,15 +18,18 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from memory_server.client import MemoryClient
+from memory_server.client import MemoryClient, MemoryServerError, MemoryUnavailable
 from memory_server.launcher import start_server
 from pccnet.color import NUM_BINS, denormalize_ab, lab_to_rgb, normalize_light, rgb_to_lab
-from trainer.checkpoint import load_for_inference
+from trainer.checkpoint import CheckpointError, load_for_inference
 from trainer.memory import RESTORE_CHUNK
 from trainer.models import build_extractor, build_generator, load_trainable_state
 from trainer.step import retrieve_color_feature
 
 log = logging.getLogger(__name__)
+
+# What a user can get wrong (a path, a memory name, a server address): printed, not a traceback.
+USER_ERRORS = (CheckpointError, ValueError, FileNotFoundError, MemoryServerError, MemoryUnavailable)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
