@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 BACKEND_CHOICES = ("auto", "faiss", "torch")
 _TORCH_CHUNK = 65_536  # key rows per matmul tile: [B, 65536] f32 tile = 64 MiB at B = 256
+TIE_TOL = 1e-5  # |sim difference| below which identical keys are checked for a tie (GEMM rounding)
 
 
 class BackendUnavailable(RuntimeError):
@@ -89,19 +90,38 @@ class Searcher(Protocol):
         """Release device memory."""
 
 
-def fix_ties(sims: np.ndarray, slots: np.ndarray, k: int, q: np.ndarray,
-             row_sims: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Make ties deterministic: order equal sims by slot; recompute rows tied across the k boundary.
+def exact_row_sims(keys: np.ndarray, q_row: np.ndarray) -> np.ndarray:
+    """All m similarities of one query in float64, identical keys giving identical values.  # [m]"""
+    return np.einsum("ij,j->i", keys, q_row.astype(np.float64), dtype=np.float64)
 
-    `sims`/`slots` hold the top-k' (k' = k+1 when more slots exist) with correct values but possibly
-    arbitrary slots among equal values. `row_sims(q_row)` returns all m similarities of one query.
+
+def fix_ties(sims: np.ndarray, slots: np.ndarray, k: int, q: np.ndarray,
+             keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic ties: equal similarities ordered by lower slot, across the k boundary too.
+
+    `sims`/`slots` hold a backend's top-k' (k' = k+1 when more slots exist), sorted descending. Two
+    slots tie when their computed sims are equal or when their keys are bitwise identical: a GEMM
+    kernel may round the same dot product differently at different positions, so identical keys
+    within TIE_TOL first get one similarity. A row whose k-th and (k+1)-th candidates then tie may
+    have lost a lower slot beyond k' and is recomputed exactly over all keys.
     """
     kp = sims.shape[1]
+    if kp > 1:
+        r, j = np.nonzero(np.abs(sims[:, :-1] - sims[:, 1:]) <= TIE_TOL)
+        if r.size:
+            a, b = slots[r, j], slots[r, j + 1]
+            maybe = keys[a, 0] == keys[b, 0]  # cheap filter before comparing whole rows
+            r, j, a, b = r[maybe], j[maybe], a[maybe], b[maybe]
+            same = np.all(keys[a] == keys[b], axis=1) if r.size else np.zeros(0, bool)
+            if same.any():
+                sims = sims.copy()
+                for rr, jj in zip(r[same], j[same], strict=True):  # ascending: chains carry left to right
+                    sims[rr, jj + 1] = sims[rr, jj]
     if kp > k:
         boundary = sims[:, k] == sims[:, k - 1]
         sims, slots = sims[:, :k].copy(), slots[:, :k].copy()
         for i in np.flatnonzero(boundary):
-            s = row_sims(q[i])
+            s = exact_row_sims(keys, q[i])
             order = np.lexsort((np.arange(s.shape[0]), -s))[:k]
             slots[i] = order
             sims[i] = s[order]
@@ -113,12 +133,6 @@ def fix_ties(sims: np.ndarray, slots: np.ndarray, k: int, q: np.ndarray,
     return sims, slots
 
 
-def _numpy_row_sims(keys: np.ndarray):
-    def row_sims(q_row: np.ndarray) -> np.ndarray:
-        return np.einsum("ij,j->i", keys, q_row)
-    return row_sims
-
-
 class FaissSearcher:
     """faiss.knn on the live key array: exact, no index object to keep in sync."""
 
@@ -128,12 +142,11 @@ class FaissSearcher:
         self.name = "faiss-cpu"
 
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        m = self.keys.shape[0]
-        # faiss's k=1 path keeps the first maximum (lower slot); the heap (k<100) and reservoir (k>=100)
-        # paths may drop a lower slot tied at the boundary, hence k+1 and fix_ties.
-        kp = k if k == 1 else min(k + 1, m)
+        # faiss's heap (k<100) and reservoir (k>=100) paths may drop a lower slot tied at the boundary,
+        # and its BLAS may round identical keys differently: one extra candidate, then fix_ties.
+        kp = min(k + 1, self.keys.shape[0])
         sims, slots = self._faiss.knn(q, self.keys, kp, metric=self._faiss.METRIC_INNER_PRODUCT)
-        return fix_ties(sims, slots, k, q, _numpy_row_sims(self.keys))
+        return fix_ties(sims, slots, k, q, self.keys)
 
     def keys_written(self, slots: np.ndarray) -> None:
         """The search reads the numpy array itself: nothing to sync."""
@@ -202,13 +215,7 @@ class TorchSearcher:
             qt = torch.from_numpy(np.ascontiguousarray(q)).to(self.device)
             s, i = self._topk(qt, kp)
             sims, slots = s.cpu().numpy(), i.cpu().numpy().astype(np.int64)
-
-        def row_sims(q_row: np.ndarray) -> np.ndarray:
-            with torch.no_grad():
-                qr = torch.from_numpy(np.ascontiguousarray(q_row)).to(self.device)
-                return torch.mv(self.dev_keys, qr).cpu().numpy()
-
-        return fix_ties(sims, slots, k, q, row_sims)
+        return fix_ties(sims, slots, k, q, self.keys)
 
     def keys_written(self, slots: np.ndarray) -> None:
         if self.device.type == "cpu" or slots.size == 0:

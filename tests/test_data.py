@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pccnet.color import AB_BINS, color_distribution, lab_from_network, lab_to_rgb
+from pccnet.color import AB_BINS, color_distribution, lab_from_network, lab_to_rgb, rgb_to_lab
 from trainer.config import DataConfig
 from trainer.data import (
     DataError,
@@ -243,8 +243,6 @@ def test_color_feature_exact_up_to_64_and_close_above():
     ab = (torch.rand(2, 2, 64, 64) - 0.5) * 120
     assert torch.equal(color_feature(ab), color_distribution(ab))
     x = torch.from_numpy(picture(256, 256, 7)).permute(2, 0, 1)[None].float() / 255
-    from pccnet.color import rgb_to_lab
-
     ab = rgb_to_lab(x)[:, 1:]
     full, grid = color_distribution(ab), color_feature(ab)
     kl = (full.clamp_min(1e-8) * (full.clamp_min(1e-8) / grid.clamp_min(1e-8)).log()).sum()
@@ -344,6 +342,26 @@ def test_train_flip_mirrors_pixels_but_not_the_colour_feature(shards):
     mirrored = [bool(torch.equal(light[i], light[0].flip(-1))) for i in range(8)]
     assert all(s or m for s, m in zip(same, mirrored, strict=True)) and not all(same) and not all(mirrored)
     assert torch.equal(batch["color_feature"], batch["color_feature"][:1].expand(8, -1))
+
+
+def test_sample_cache_changes_nothing_but_the_work(shards, monkeypatch):
+    import trainer.data as data
+
+    def first_batches(cache_mb: int) -> list[dict]:
+        monkeypatch.setattr(data, "CACHE_MB", cache_mb)
+        cfg = cfg_for(shards["pattern"], workers=0, flip=True)
+        with make_train_loader(cfg, 0, 1, seed=5) as loader:
+            return [next(loader) for _ in range(15)]  # 60 samples from 19: most are repeats
+
+    cached, uncached = first_batches(16), first_batches(0)
+    for a, b in zip(cached, uncached, strict=True):
+        assert a["key"] == b["key"]
+        for name in ("light", "ab", "color_feature", "item_id"):
+            assert torch.equal(a[name], b[name]), name
+    cache = data._SampleCache(max_bytes=3 * (4 * 4 * 3 + 313 * 4))
+    for i in range(5):
+        cache.put(str(i), np.zeros((4, 4, 3), np.uint8), torch.zeros(313))
+    assert list(cache.items) == ["2", "3", "4"] and cache.get("0") is None and cache.get("2") is not None
 
 
 def test_train_counts_corrupt_samples_and_keeps_going(shards):

@@ -129,3 +129,19 @@ def test_torch_cuda_searcher_ties_and_in_place_writes(k):
     keys[2999] = q[0]  # the device mirror must follow in-place writes
     s.keys_written(np.array([2999]))
     assert s.search(q[:1], 1)[1][0, 0] == 2999
+
+
+def test_fix_ties_treats_identical_keys_as_equal_despite_gemm_rounding():
+    from memory_server.backends import fix_ties
+    keys = unit(np.random.default_rng(5).standard_normal((6, 4)).astype(np.float32))
+    keys[4] = keys[1]
+    keys[5] = keys[1]  # slots 1, 4, 5 identical
+    q = keys[1:2].copy()
+    # A kernel that rounded slot 5 one ulp up and slot 1 one ulp down; k = 2 keeps slots 4, 5 of 3.
+    sims = np.array([[1.0 + 1e-7, 1.0, 1.0 - 1e-7]], np.float32)
+    slots = np.array([[5, 4, 1]])
+    got_sims, got_slots = fix_ties(sims, slots, 2, q, keys)
+    np.testing.assert_array_equal(got_slots, [[1, 4]])  # the boundary tie pulled in the lower slot 1
+    assert got_sims[0, 0] == got_sims[0, 1]
+    s2, sl2 = fix_ties(np.array([[0.9, 0.9 - 1e-7]], np.float32), np.array([[3, 0]]), 1, q, keys)
+    np.testing.assert_array_equal(sl2, [[3]])  # distinct keys: values decide, even when close

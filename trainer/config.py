@@ -49,11 +49,14 @@ class DataConfig:
     background: str = "white"  # RGBA compositing: "white", "black" or "#rrggbb"
     shuffle_buffer: int = 256
     epoch_batches: int | None = None  # batches per rank per epoch; null: ceil(n_samples / (world * batch))
+    cache_mb: int = 256  # per training worker: decoded pixels + colour features kept for later epochs
 
     def validate(self, path: str) -> None:
         _positive(self, path, "image_size", "batch_size", "shuffle_buffer")
         if self.workers < 0:
             raise ConfigError(f"{path}.workers must be >= 0, got {self.workers}")
+        if self.cache_mb < 0:
+            raise ConfigError(f"{path}.cache_mb must be >= 0, got {self.cache_mb}")
         if self.image_size % 4:
             raise ConfigError(f"{path}.image_size must be a multiple of 4, got {self.image_size}")
         if self.epoch_batches is not None and self.epoch_batches < 1:
@@ -180,7 +183,7 @@ class TrainConfig:
 RESUMABLE_KEYS = (
     "phase1.steps", "phase2.steps", "phase1.val_every", "run.checkpoint_every", "run.log_every",
     "run.sample_every", "run.keep_checkpoints", "run.out_dir", "run.collective_timeout_s",
-    "data.workers", "data.train", "data.val", "memory.address", "memory.timeout_ms",
+    "data.workers", "data.cache_mb", "data.train", "data.val", "memory.address", "memory.timeout_ms",
     "memory.retries", "metrics.port",
 )
 # Keys that fix the shape of a saved model: a change on resume is an error.

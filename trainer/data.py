@@ -18,6 +18,7 @@ import random
 import re
 import tarfile
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,11 @@ LOG_EVERY_S = 30.0  # ... every this many seconds
 # A training worker that meets this many failed samples / empty shards in a row (and at least twice the
 # shard count) raises instead of spinning forever on a data set with nothing usable in it.
 MAX_CONSECUTIVE_FAILURES = 500
+# Per training worker: decoded, resized pixels and colour features by sample key (both are the same on
+# every visit; only the flip is random). Few-shot sets fit whole, so later epochs skip decode, resize
+# and the colour feature. 0 disables it. Set by data.cache_mb; $PCCNET_DATA_CACHE_MB overrides it.
+ENV_CACHE_MB = os.environ.get("PCCNET_DATA_CACHE_MB")
+CACHE_MB = int(ENV_CACHE_MB) if ENV_CACHE_MB is not None else 256
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+):")  # two letters at least: not a drive letter
 _TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 
@@ -226,7 +232,10 @@ class _CountingReader:
         return data
 
     def truncated(self) -> bool:
-        # An uncompressed tar is a whole number of 512-byte blocks.
+        """After tarfile is done: drain the rest (a pipe may deliver any chunk sizes), then check that
+        an uncompressed tar was a whole number of 512-byte blocks."""
+        while self.read(1 << 16):
+            pass
         return self.n_bytes % 512 != 0 and not self.head.startswith(self._COMPRESSED)
 
     def close(self) -> None:
@@ -252,6 +261,31 @@ def _shard_samples(url: str, reporter: _Reporter) -> Iterator[dict[str, Any]]:
             reporter.failure(f"shard {url}: {type(exn).__name__}: {exn}")
 
 
+class _SampleCache:
+    """LRU of (pixels uint8 [H,W,3], colour feature [313]) by sample key, bounded in bytes."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.items: OrderedDict[str, tuple[np.ndarray, torch.Tensor]] = OrderedDict()
+        self.bytes = 0
+
+    def get(self, key: str) -> tuple[np.ndarray, torch.Tensor] | None:
+        hit = self.items.get(key)
+        if hit is not None:
+            self.items.move_to_end(key)
+        return hit
+
+    def put(self, key: str, pixels: np.ndarray, feature: torch.Tensor) -> None:
+        size = pixels.nbytes + feature.numel() * feature.element_size()
+        if size > self.max_bytes or key in self.items:
+            return
+        self.items[key] = (pixels, feature)
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, (p, f) = self.items.popitem(last=False)
+            self.bytes -= p.nbytes + f.numel() * f.element_size()
+
+
 def _shuffled(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
     """Buffer shuffle: fill `size` items, then emit a random one for each new one."""
     buf: list[Any] = []
@@ -275,6 +309,7 @@ class _ShardStream(IterableDataset):
         self.image_size, self.batch_size = cfg.image_size, cfg.batch_size
         self.background, self.flip = cfg.background, cfg.flip and train
         self.shuffle_buffer = cfg.shuffle_buffer
+        self.cache_mb = CACHE_MB if ENV_CACHE_MB is not None else cfg.cache_mb
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -306,34 +341,53 @@ class _ShardStream(IterableDataset):
     def _batches(
         self, samples: Iterator[dict[str, Any]], rng: random.Random, reporter: _Reporter, worker: int
     ) -> Iterator[dict[str, Any]]:
+        cache = _SampleCache(self.cache_mb << 20 if self.train else 0)
         pixels: list[np.ndarray] = []
+        features: list[torch.Tensor | None] = []
         keys: list[str] = []
         for sample in samples:
             key = f"{shard_name(sample.get('__url__', ''))}/{sample['__key__']}"
-            data = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
-            if data is None:
-                fields = sorted(k for k in sample if not k.startswith("__"))
-                reporter.failure(f"{key}: no image field (has {fields})")
-                continue
-            try:
-                img = load_rgb(data, self.background, draft_size=self.image_size)
-                pixels.append(np.asarray(center_crop_resize(img, self.image_size)))
-            except (ImageDecodeError, ValueError) as exn:
-                reporter.failure(f"{key}: {exn}")
-                continue
+            hit = cache.get(key)
+            if hit is not None:
+                pixels.append(hit[0])
+                features.append(hit[1])
+            else:
+                data = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
+                if data is None:
+                    fields = sorted(k for k in sample if not k.startswith("__"))
+                    reporter.failure(f"{key}: no image field (has {fields})")
+                    continue
+                try:
+                    img = load_rgb(data, self.background, draft_size=self.image_size)
+                    pixels.append(np.asarray(center_crop_resize(img, self.image_size)))
+                except (ImageDecodeError, ValueError) as exn:
+                    reporter.failure(f"{key}: {exn}")
+                    continue
+                features.append(None)
             reporter.success()
             keys.append(key)
             if len(keys) == self.batch_size:
-                yield self._collate(pixels, keys, rng, reporter, worker)
-                pixels, keys = [], []
+                yield self._collate(pixels, features, keys, rng, reporter, worker, cache)
+                pixels, features, keys = [], [], []
         if keys and not self.train:
-            yield self._collate(pixels, keys, rng, reporter, worker)
+            yield self._collate(pixels, features, keys, rng, reporter, worker, cache)
 
     def _collate(
-        self, pixels: list[np.ndarray], keys: list[str], rng: random.Random, reporter: _Reporter, worker: int
+        self,
+        pixels: list[np.ndarray],
+        features: list[torch.Tensor | None],
+        keys: list[str],
+        rng: random.Random,
+        reporter: _Reporter,
+        worker: int,
+        cache: _SampleCache,
     ) -> dict[str, Any]:
         flip = torch.tensor([rng.random() < 0.5 for _ in keys]) if self.flip else None
-        batch: dict[str, Any] = lab_batch(np.stack(pixels), flip)  # light, ab, color_feature
+        batch: dict[str, Any] = lab_batch(np.stack(pixels), flip, features)  # light, ab, color_feature
+        if cache.max_bytes > 0:
+            for i, known in enumerate(features):
+                if known is None:  # a clone: the batch's storage moves to shared memory when sent
+                    cache.put(keys[i], pixels[i], batch["color_feature"][i].clone())
         batch["key"] = list(keys)
         batch["item_id"] = torch.tensor([item_id(k) for k in keys], dtype=torch.int64)
         batch["n_corrupt"] = reporter.count

@@ -143,23 +143,29 @@ def color_feature(ab: Tensor) -> Tensor:
     return color_distribution(ab.contiguous())
 
 
-def lab_batch(rgb: np.ndarray | Tensor, flip: Tensor | None = None) -> dict[str, Tensor]:
+def lab_batch(
+    rgb: np.ndarray | Tensor, flip: Tensor | None = None, features: list[Tensor | None] | None = None
+) -> dict[str, Tensor]:
     """uint8 RGB [B,H,W,3] -> {light [B,1,H,W] in [-1,1], ab [B,2,H,W] = ab/110, color_feature [B,313]}.
 
     flip: optional bool [B]; flipped samples are mirrored left-right. The colour feature is computed
     before the flip, so it is the same whether or not a sample is flipped.
+    features: optional known colour features ([313] each, None where unknown) that are not recomputed.
     """
     x = torch.as_tensor(rgb)
     if x.dim() != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
         raise ValueError(f"rgb must be uint8 [B,H,W,3], got {x.dtype} {tuple(x.shape)}")
     rgb01 = x.permute(0, 3, 1, 2).float().div_(255.0)  # [B,3,H,W]
-    # Chunks of <= LAB_CHUNK_PIXELS keep the temporaries in cache: at 256 px one image per call was 20%
+    # Chunks of <= LAB_CHUNK_PIXELS keep the temporaries in cache: at 256 px one image per call was 10-15%
     # faster than a batch of 8; at 64 px the whole batch goes in one call.
     chunk = max(1, LAB_CHUNK_PIXELS // (x.shape[1] * x.shape[2]))
     lab = torch.cat([rgb_to_lab(rgb01[i : i + chunk]) for i in range(0, rgb01.shape[0], chunk)])
     # The colour feature one image at a time, for the same reason (a batch of 2 took twice as long per
     # image at 64 px, a batch of 8 no less than one image).
-    feature = torch.cat([color_feature(lab[i : i + 1, 1:]) for i in range(lab.shape[0])])
+    known = features if features is not None else [None] * lab.shape[0]
+    feature = torch.cat([
+        color_feature(lab[i : i + 1, 1:]) if f is None else f.view(1, -1) for i, f in enumerate(known)
+    ])
     if flip is not None and bool(flip.any()):
         lab[flip] = lab[flip].flip(-1)
     return {

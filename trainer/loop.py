@@ -144,7 +144,7 @@ class Runner:
             log.info("memory %r at %s: capacity %s, filled %s, backend %s", cfg.memory.name, self.memory.endpoint,
                      info.get("capacity"), info.get("filled"), info.get("backend"))
         acc.wait_for_everyone()
-        self.loader = iter(make_train_loader(cfg.data, self.rank, self.world, cfg.run.seed + 7919 * self.start_step))
+        self.loader = make_train_loader(cfg.data, self.rank, self.world, cfg.run.seed + 7919 * self.start_step)
         if self.main:
             self.jsonl = JsonlWriter(self.out_dir / "stats.jsonl")
         self.ctx = StepContext(accelerator=acc, loss=cfg.loss, phase1=cfg.phase1, use_memory=cfg.model.use_memory,
@@ -213,8 +213,8 @@ class Runner:
                 self.stats.report(k, v)
             self.stats.report("time/step_s", t_step)
             self.stats.report("time/data_s", t_data)
-            if "n_corrupt" in batch:
-                self.stats.report("data/corrupt", float(np.max(np.asarray(batch["n_corrupt"]))))
+            self.stats.report("data/corrupt", float(self.loader.n_corrupt))  # per rank; the log shows the mean
+            self.metrics.corrupt.labels(self.metrics.rank).set(self.loader.n_corrupt)
             self.metrics.observe_step(images, timings, scalars)
             done = step + 1
             if done % cfg.run.log_every == 0 or done == self.total_steps or done == cfg.phase1.steps:
@@ -346,7 +346,7 @@ class Runner:
         self.metrics.observe_checkpoint(time.perf_counter() - t0)
 
     def close(self) -> None:
-        for closer in (self.memory, self.metrics, self.jsonl):
+        for closer in (getattr(self, "loader", None), self.memory, self.metrics, self.jsonl):
             if closer is not None:
                 try:
                     closer.close()
