@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ import torch
 from memory_server.client import MemoryClient
 from memory_server.launcher import start_server
 from trainhelpers import (
+    PYTHON,
     env,
     kill_tree,
     run_cmd,
@@ -155,3 +157,15 @@ def test_config_errors_exit_2_with_the_path(tmp_path):
     assert res.returncode == 2 and "unknown key model.widht" in res.stdout
     res = run_cmd([str(os.sys.executable), "launch/train.py"], timeout=120)
     assert res.returncode == 2 and "data.train" in res.stdout
+
+
+def test_accelerate_launch_with_the_shipped_config_starts_two_ranks(tmp_path, shards):
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", shards, out, phase1__steps=2, phase2__steps=1)
+    accelerate = str(Path(PYTHON).with_name("accelerate"))
+    res = run_cmd([accelerate, "launch", "--config_file", "configs/accelerate_ddp.yaml", "launch/train.py",
+                   "--config", str(cfg)])
+    assert res.returncode == 0, res.stdout[-4000:]
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["ddp_max_param_diff"] == 0.0
+    assert res.stdout.count("done: step 3") == 1  # printed by rank 0 only
