@@ -187,7 +187,8 @@ RESUMABLE_KEYS = (
     "memory.retries", "metrics.port",
 )
 # Keys that fix the shape of a saved model: a change on resume is an error.
-SHAPE_KEYS = tuple(f"model.{f.name}" for f in dataclasses.fields(ModelConfig)) + (
+# (model.use_memory changes what G is fed, not any shape: ablations may start from a shared phase 1.)
+SHAPE_KEYS = tuple(f"model.{f.name}" for f in dataclasses.fields(ModelConfig) if f.name != "use_memory") + (
     "data.image_size", "memory.capacity", "memory.name",
 )
 

@@ -168,8 +168,11 @@ class Runner:
             raise ckpt_io.CheckpointError(f"{state['path']}: generator keys differ: {missing[:3]} {unexpected[:3]}")
         self.opt_m.load_state_dict(optim["opt_m"])
         self.opt_d.load_state_dict(optim["opt_d"])
-        if not missing:  # the optimizer's parameter list matches only if the sampler is there in both
+        saved_params = sum(len(g["params"]) for g in optim["opt_g"]["param_groups"])
+        if saved_params == len(list(self.gen.parameters())):
             self.opt_g.load_state_dict(optim["opt_g"])
+        else:  # the patch sampler was switched on or off: its Adam moments cannot carry over
+            log.warning("resume: the generator optimizer covers a different parameter set; starting it afresh")
         self.sched_g.load_state_dict(optim["sched_g"])
         self.sched_d.load_state_dict(optim["sched_d"])
         self.start_step = int(state["meta"]["step"])

@@ -1,0 +1,142 @@
+"""Reproduce docs/RESULTS.md: PCCNet, its ablations and two baselines at equal budget, on one data set.
+
+    python launch/results.py --config configs/pokemon_every10_cpu.yaml            # every row
+    python launch/results.py --config configs/pokemon_every10_cpu.yaml --rows full,gray
+    python launch/results.py --config configs/pokemon_every10_cpu.yaml --backbones  # phase-1 retrieval
+
+Phase 1 (the colour memory) is trained once per data set; every row's phase 2 then starts from that
+same checkpoint (`launch/train.py --resume <phase-1 checkpoint>`) with the row's overrides, so rows
+differ only in what they ablate. Each row is evaluated on data.val with launch/evaluate.py. Finished
+steps are skipped, so the command can be re-run after an interruption. Every command it runs is
+printed and recorded in <root>/commands.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# Row name -> (label in the tables, train.py overrides). "gray" is evaluated, not trained.
+ROWS = {
+    "full": ("PCCNet (full)", []),
+    "no_memory": ("without M", ["model.use_memory=false"]),
+    "no_pc": ("without L_PC", ["loss.pc=0"]),
+    "no_ic": ("without L_IC", ["loss.ic=0"]),
+    "pix2pix": ("cGAN + smooth L1 (Pix2Pix-like)", ["model.use_memory=false", "loss.pc=0", "loss.ic=0"]),
+    "gray": ("gray output (ab = 0)", None),
+}
+BACKBONES = ("alexnet-imagenet", "vgg16-imagenet", "resnet18-scratch")
+
+
+def run(cmd: list[str], log: Path) -> None:
+    line = " ".join(shlex.quote(c) for c in cmd)
+    print(f"\n$ {line}", flush=True)
+    with open(log, "a") as f:
+        f.write(line + "\n")
+    t0 = time.perf_counter()
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    res = subprocess.run(cmd, cwd=REPO, env=env, check=False)
+    if res.returncode != 0:
+        raise SystemExit(f"failed ({res.returncode}): {line}")
+    print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    from trainer.checkpoint import list_checkpoints
+
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def last_value(stats: Path, key: str) -> float | None:
+    from trainer.stats import read_jsonl
+
+    values = [row[key] for row in read_jsonl(stats) if row.get(key) is not None]
+    return values[-1] if values else None
+
+
+def train_phase1(cfg_path: str, cfg, root: Path, name: str, extra: list[str], log: Path) -> Path:
+    out = root / name
+    ckpt = latest_checkpoint(out)
+    if ckpt is None or int(ckpt.name.split("-")[1]) < cfg.phase1.steps:
+        run([sys.executable, "launch/train.py", "--config", cfg_path, f"run.out_dir={out}", "phase2.steps=0",
+             f"run.checkpoint_every={cfg.phase1.steps}", *extra], log)
+        ckpt = latest_checkpoint(out)
+    return ckpt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--root", help="output folder (default runs/results/<config name>)")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {list(ROWS)}")
+    parser.add_argument("--backbones", action="store_true", help="phase-1 retrieval accuracy of each backbone")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
+    args = parser.parse_args(argv)
+
+    from trainer.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    root = Path(args.root or REPO / "runs" / "results" / Path(args.config).stem)
+    root.mkdir(parents=True, exist_ok=True)
+    log = root / "commands.txt"
+    if not cfg.data.val:
+        raise SystemExit(f"{args.config}: data.val must name the test split")
+
+    if args.backbones:
+        table = {}
+        for backbone in BACKBONES:
+            name = f"phase1-{backbone}"
+            train_phase1(args.config, cfg, root, name, [*args.overrides, f"model.extractor={backbone}"], log)
+            table[backbone] = last_value(root / name / "stats.jsonl", "val/retrieval_acc")
+        (root / "backbones.json").write_text(json.dumps(table, indent=2) + "\n")
+        print("\n| backbone | phase-1 retrieval accuracy on data.val |\n| --- | --- |")
+        for k, v in table.items():
+            print(f"| {k} | {v:.3f} |" if v is not None else f"| {k} | n/a |")
+        return 0
+
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; choose from {list(ROWS)}")
+    phase1 = train_phase1(args.config, cfg, root, f"phase1-{cfg.model.extractor}", list(args.overrides), log)
+    results = {}
+    for row in rows:
+        label, overrides = ROWS[row]
+        out = root / row
+        eval_json = root / f"eval-{row}.json"
+        if overrides is not None:
+            ckpt = latest_checkpoint(out)
+            total = cfg.phase1.steps + cfg.phase2.steps
+            if ckpt is None or int(ckpt.name.split("-")[1]) < total:
+                # Start from the shared phase-1 checkpoint, or go on from this row's own latest one.
+                start = ["--resume", str(phase1)] if ckpt is None else ["--resume", "auto"]
+                run([sys.executable, "launch/train.py", "--config", args.config, *start, f"run.out_dir={out}",
+                     *args.overrides, *overrides], log)
+        if not eval_json.is_file():
+            source = root / ("full" if row == "gray" else row)
+            extra = ["--baseline", "gray"] if row == "gray" else []
+            run([sys.executable, "launch/evaluate.py", "--checkpoint", str(source), "--data", cfg.data.val,
+                 "--output", str(eval_json), *extra], log)
+        results[row] = dict(json.loads(eval_json.read_text()), label=label)
+    (root / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\n{Path(args.config).stem}: {cfg.data.image_size} px, {cfg.phase2.steps} phase-2 steps of batch "
+          f"{cfg.data.batch_size}")
+    print("| method | FID (n) | LPIPS | PSNR | colourfulness |\n| --- | --- | --- | --- | --- |")
+    for row, r in results.items():
+        print(f"| {r['label']} | {r['fid']:.2f} ({r['n_images']}) | {r['lpips']:.4f} | {r['psnr']:.2f} | "
+              f"{r['colorfulness']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
