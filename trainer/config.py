@@ -140,7 +140,7 @@ class Phase2Config:
 
 @dataclass
 class MemoryConfig:
-    address: str | None = None  # null: rank 0 starts an embedded server inside out_dir
+    address: str | None = None  # null: rank 0 starts an embedded server in out_dir; "inproc": no server (1 process)
     name: str = "default"
     capacity: int = 1024  # slots; the paper uses 1.2 x the number of training images
     timeout_ms: int = 30000

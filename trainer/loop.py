@@ -134,7 +134,8 @@ class Runner:
         )
         self.metrics = TrainerMetrics(self.rank, None if cfg.metrics.port is None else cfg.metrics.port + self.rank)
         self.memory = TrainerMemory(cfg.memory, self.out_dir, self.rank,
-                                    broadcast_object=lambda o: broadcast_object_list([o])[0])
+                                    broadcast_object=(lambda o: broadcast_object_list([o])[0]) if self.world > 1
+                                    else None)
         if self.main:
             info = self.memory.ensure(cfg.memory.capacity, cfg.model.extractor_dim, NUM_BINS, cfg.run.seed)
             if resumed is not None and resumed["memory"] is not None:
@@ -214,8 +215,8 @@ class Runner:
             window_images += images * self.world
             for k, v in scalars.items():
                 self.stats.report(k, v)
-            self.stats.report("time/step_s", t_step)
-            self.stats.report("time/data_s", t_data)
+            for part, seconds in timings.items():
+                self.stats.report(f"time/{part}_s", seconds)
             self.stats.report("data/corrupt", float(self.loader.n_corrupt))  # per rank; the log shows the mean
             self.metrics.corrupt.labels(self.metrics.rank).set(self.loader.n_corrupt)
             self.metrics.observe_step(images, timings, scalars)
@@ -252,8 +253,9 @@ class Runner:
     def _log(self, done: int, phase: int, rate: float, bar) -> dict[str, float]:
         means = self.stats.collect(gather_object if self.world > 1 else None)
         means.update({"step": done, "phase": phase, "images_per_s": rate})
-        if "time/step_s" in means and means["time/step_s"] > 0:
+        if means.get("time/step_s", 0) > 0:
             means["time/data_share"] = means.get("time/data_s", 0.0) / means["time/step_s"]
+            means["time/memory_share"] = means.get("time/memory_rpc_s", 0.0) / means["time/step_s"]
         if self.main:
             lr = self.opt_m.param_groups[0]["lr"] if phase == 1 else self.opt_g.param_groups[0]["lr"]
             means["lr"] = lr

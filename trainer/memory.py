@@ -15,6 +15,7 @@ import numpy as np
 
 from memory_server.client import MemoryClient
 from memory_server.launcher import start_server
+from memory_server.local import InProcessMemory
 from trainer.config import MemoryConfig
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,16 @@ class TrainerMemory:
     def __init__(self, cfg: MemoryConfig, out_dir: str | Path, rank: int, broadcast_object=None) -> None:
         self.cfg = cfg
         self.server = None
+        self.calls = {"query": 0, "update": 0}
         endpoint = cfg.address
+        if endpoint == "inproc":
+            # The same store code in this process, no server (one process only): debugging, benchmarks.
+            if broadcast_object is not None:
+                raise ValueError("memory.address 'inproc' serves one process only; use null (embedded server) "
+                                 "or a server address for multi-process runs")
+            self.endpoint = "inproc"
+            self.client = InProcessMemory(memory=cfg.name, durability="none")
+            return
         if endpoint is None:
             if rank == 0:
                 data_dir = Path(out_dir) / "memory-server"
@@ -43,7 +53,6 @@ class TrainerMemory:
             if broadcast_object is not None:
                 endpoint = broadcast_object(endpoint)
         self.endpoint = endpoint
-        self.calls = {"query": 0, "update": 0}
         self.client = MemoryClient(endpoint, timeout_ms=cfg.timeout_ms, retries=cfg.retries, memory=cfg.name)
 
     # --- set-up -----------------------------------------------------------------------------------

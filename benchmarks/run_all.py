@@ -1,0 +1,39 @@
+"""`make bench`: every benchmark in turn, each printing its own table (pass --quick for a short run).
+
+    python benchmarks/run_all.py [--quick] [--only model_step,data_pipeline,memory_server,trainer]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCHMARKS = ("model_step", "data_pipeline", "memory_server", "trainer")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", default=",".join(BENCHMARKS))
+    args = parser.parse_args(argv)
+    failed = []
+    for name in [n.strip() for n in args.only.split(",") if n.strip()]:
+        if name not in BENCHMARKS:
+            parser.error(f"unknown benchmark {name!r}; choose from {BENCHMARKS}")
+        print(f"\n=== {name} {'(quick)' if args.quick else ''} ===", flush=True)
+        t0 = time.perf_counter()
+        res = subprocess.run([sys.executable, str(HERE / f"{name}.py"), *(["--quick"] if args.quick else [])],
+                             check=False)
+        print(f"=== {name}: {'ok' if res.returncode == 0 else f'FAILED ({res.returncode})'} "
+              f"in {time.perf_counter() - t0:.0f} s ===", flush=True)
+        if res.returncode != 0:
+            failed.append(name)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Trainer throughput: phase 1 against the memory server vs in-process, phase 2 with 1 and 2 processes.
+
+    python benchmarks/trainer.py [--quick] [--config configs/pokemon_every10_cpu.yaml]
+
+Every number comes from real `launch/train.py` runs (stats.jsonl), interleaved A/B/A/B so machine
+drift hits both sides alike:
+- phase 1 steps/s with the embedded memory server process (tcp loopback) against `memory.address:
+  inproc` (the same store code inside the trainer process): target >= 0.9x;
+- phase 2 images/s with 1 and 2 processes (torchrun, gloo), and the share of step time spent waiting
+  for data and for the memory (target: data <= 2 %).
+Uses the Pokemon shards from `make shards` when present, else synthetic shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def synthetic_shards(folder: Path, n: int = 256, size: int = 96) -> str:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    per = 64
+    for s in range((n + per - 1) // per):
+        with tarfile.open(folder / f"train-{s:06d}.tar", "w") as tar:
+            for i in range(per):
+                img = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((size, size))
+                buf = io.BytesIO()
+                img.save(buf, format="JPEG", quality=90)
+                info = tarfile.TarInfo(f"{s:03d}_{i:04d}.jpg")
+                info.size = buf.tell()
+                buf.seek(0)
+                tar.addfile(info, buf)
+    return str(folder / f"train-{{000000..{(n + per - 1) // per - 1:06d}}}.tar")
+
+
+def train(config: str, out: Path, overrides: list[str], nproc: int = 1) -> list[dict]:
+    """Run launch/train.py and return its stats.jsonl rows."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), GLOO_SOCKET_IFNAME="lo")
+    if nproc == 1:
+        cmd = [sys.executable, "launch/train.py"]
+    else:
+        cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", f"--nproc_per_node={nproc}",
+               "launch/train.py"]
+    cmd += ["--config", config, "--resume", "none", f"run.out_dir={out}", *overrides]
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}")
+    from trainer.stats import read_jsonl
+
+    return read_jsonl(out / "stats.jsonl")
+
+
+def steady(rows: list[dict], key: str, phase: int) -> float:
+    """Median of `key` over the log rows of a phase, skipping the first (warm-up) interval."""
+    values = [r[key] for r in rows if r.get("phase") == phase and r.get(key) is not None]
+    values = values[1:] if len(values) > 1 else values
+    return statistics.median(values) if values else float("nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/pokemon_every10_cpu.yaml")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=None)
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (1 if args.quick else 2)
+    p1_steps, p2_steps = (40, 12) if args.quick else (150, 40)
+    tmp = Path(tempfile.mkdtemp(prefix="pccnet-bench-trainer-"))
+    from trainer.config import load_config
+
+    cfg = load_config(args.config)
+    data = []
+    try:
+        from trainer.data import expand_pattern
+
+        expand_pattern(cfg.data.train)
+        source = cfg.data.train
+    except Exception:  # shards not built: fall back to synthetic ones
+        source = synthetic_shards(tmp / "shards")
+        data = [f"data.train={source}", "data.val=null", "memory.capacity=307"]
+    common = [*data, "data.val=null", "run.checkpoint_every=100000", "run.sample_every=100000",
+              "run.log_every=10"]
+    print(f"data: {source}", file=sys.stderr)
+
+    p1 = {"server": [], "inproc": []}
+    p1_rpc = {"server": [], "inproc": []}
+    for r in range(repeats):
+        for mode, addr in (("server", "null"), ("inproc", "inproc")):
+            rows = train(args.config, tmp / f"p1-{mode}-{r}", [*common, f"phase1.steps={p1_steps}", "phase2.steps=0",
+                                                               f"memory.address={addr}"])
+            p1[mode].append(1.0 / steady(rows, "time/step_s", 1))
+            p1_rpc[mode].append(steady(rows, "time/memory_share", 1))
+            print(f"  phase 1 {mode}: {p1[mode][-1]:.2f} steps/s", file=sys.stderr)
+    p2 = {}
+    for nproc in (1, 2):
+        rows = train(args.config, tmp / f"p2-{nproc}", [*common, "phase1.steps=0", f"phase2.steps={p2_steps}"],
+                     nproc=nproc)
+        p2[nproc] = {k: steady(rows, k, 2) for k in ("images_per_s", "time/data_share", "time/step_s")}
+        print(f"  phase 2 x{nproc}: {p2[nproc]['images_per_s']:.2f} img/s", file=sys.stderr)
+
+    server, inproc = statistics.median(p1["server"]), statistics.median(p1["inproc"])
+    print(f"\nTrainer benchmark ({args.config}: {cfg.data.image_size} px, batch {cfg.data.batch_size} per process, "
+          f"width {cfg.model.width}, extractor {cfg.model.extractor}, k {cfg.phase1.k})")
+    print("| phase 1 | steps / s | memory share of step | ratio |\n| --- | ---: | ---: | ---: |")
+    print(f"| in-process store (inproc) | {inproc:.2f} | {statistics.median(p1_rpc['inproc']):.1%} | 1.00 |")
+    print(f"| memory server process (tcp) | {server:.2f} | {statistics.median(p1_rpc['server']):.1%} | "
+          f"{server / inproc:.2f}x (target >= 0.9x) |")
+    print("\n| phase 2 | images / s | s / step | data wait share (target <= 2 %) |\n| --- | ---: | ---: | ---: |")
+    for nproc, r in p2.items():
+        print(f"| {nproc} process{'es' if nproc > 1 else ''} | {r['images_per_s']:.2f} | {r['time/step_s']:.3f} | "
+              f"{r['time/data_share']:.2%} |")
+    print(f"\n2-process scaling: {p2[2]['images_per_s'] / p2[1]['images_per_s']:.2f}x the 1-process rate "
+          "(both share this machine's cores)")
+    (tmp / "result.json").write_text(json.dumps({"phase1": p1, "phase2": p2}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
