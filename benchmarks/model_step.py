@@ -54,6 +54,31 @@ def _make_step(image_size: int, batch_size: int, width: int, device: str, bf16: 
     return step, dev
 
 
+# Dense tensor-core peaks in TFLOP/s (NVIDIA datasheets): fp32 convolutions run as TF32 by default.
+PEAKS_TFLOPS = {"H100 80GB HBM3": {"tf32": 494.7, "bf16": 989.4}, "H100 PCIe": {"tf32": 378.0, "bf16": 756.0},
+                "H200": {"tf32": 494.7, "bf16": 989.4}}
+
+
+def gpu_peak(bf16: bool) -> float | None:
+    import torch
+
+    name = torch.cuda.get_device_name()
+    for key, peaks in PEAKS_TFLOPS.items():
+        if key in name:
+            return peaks["bf16" if bf16 else "tf32"]
+    return None
+
+
+def count_flops(step) -> int:
+    """FLOPs of one step as counted by torch's FlopCounterMode (convolutions and matmuls)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return counter.get_total_flops()
+
+
 def measure_step(image_size: int, batch_size: int, width: int, device: str = "cpu", bf16: bool = False,
                  reps: int = 3, warmup: int = 1) -> dict:
     """Median seconds per step and images/s in this process."""
@@ -62,6 +87,7 @@ def measure_step(image_size: int, batch_size: int, width: int, device: str = "cp
     step, dev = _make_step(image_size, batch_size, width, device, bf16)
     for _ in range(warmup):
         step()
+    flops = count_flops(step) if dev.type == "cuda" else None
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -75,6 +101,10 @@ def measure_step(image_size: int, batch_size: int, width: int, device: str = "cp
            "step_s": sec, "images_per_s": batch_size / sec}
     if dev.type == "cuda":
         out["peak_bytes"] = torch.cuda.max_memory_allocated()
+        out["tflops"] = flops / sec / 1e12
+        peak = gpu_peak(bf16)
+        out["peak_share"] = out["tflops"] / peak if peak else None
+        out["gpu"] = torch.cuda.get_device_name()
     else:
         out["peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return out
@@ -130,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bf16", action="store_true", help="also run with bf16 autocast (losses stay fp32)")
     parser.add_argument("--width", type=int, default=64, help="generator width (the paper's: 64)")
     parser.add_argument("--sizes", default=None, help="comma-separated sizes (default 64,128,256)")
+    parser.add_argument("--batches", default="1,4", help="comma-separated batch sizes (default 1,4)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--child", nargs=6, metavar=("SIZE", "BATCH", "WIDTH", "DEVICE", "BF16", "REPS"),
                         help=argparse.SUPPRESS)
@@ -143,18 +174,22 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for precision in ([False, True] if args.bf16 else [False]):
         for size in sizes:
-            for batch in (1, 4):
+            for batch in [int(b) for b in args.batches.split(",")]:
                 rows.append(_run_child([str(size), str(batch), str(args.width), args.device,
                                         "1" if precision else "0", str(reps)]))
                 r = rows[-1]
                 print(f"  measured {size}px batch {batch} {'bf16' if precision else 'fp32'}: "
                       f"{r['step_s'] * 1000:.1f} ms", file=sys.stderr)
     print(f"\nPhase-2 training step (gan_step), generator width {args.width}, device {args.device}")
-    print("| size | batch | precision | ms / step | images / s | peak memory (MiB) |")
-    print("| ---: | ---: | --- | ---: | ---: | ---: |")
+    if rows and "gpu" in rows[0]:
+        print(f"GPU: {rows[0]['gpu']}; share of the dense tensor-core peak (fp32 runs as TF32)")
+    print("| size | batch | precision | ms / step | images / s | peak memory (MiB) | TFLOP/s | share of peak |")
+    print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
+        tf = f"{r['tflops']:.1f}" if r.get("tflops") is not None else "n/a"
+        share = f"{r['peak_share']:.1%}" if r.get("peak_share") is not None else "n/a"
         print(f"| {r['size']} | {r['batch']} | {'bf16' if r['bf16'] else 'fp32'} | {r['step_s'] * 1000:.1f} | "
-              f"{r['images_per_s']:.2f} | {r['peak_bytes'] / 2**20:.0f} |")
+              f"{r['images_per_s']:.2f} | {r['peak_bytes'] / 2**20:.0f} | {tf} | {share} |")
     cd = color_distribution_ratio(256, 4 if not args.quick else 2, 3 if not args.quick else 2)
     print("\ncolor_distribution at 256x256 (images / s, one process)")
     print("| vectorised (cell candidates) | naive [pixels, 313] reference | ratio |")

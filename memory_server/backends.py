@@ -95,6 +95,28 @@ def exact_row_sims(keys: np.ndarray, q_row: np.ndarray) -> np.ndarray:
     return np.einsum("ij,j->i", keys, q_row.astype(np.float64), dtype=np.float64)
 
 
+def identical_rows(keys: np.ndarray, row: np.ndarray) -> np.ndarray:
+    """Ascending slots whose key equals `row` bit for bit (a first-column filter, then whole rows)."""
+    cand = np.flatnonzero(keys[:, 0] == row[0])
+    return cand[np.all(keys[cand] == row, axis=1)]
+
+
+def _boundary_row(sims: np.ndarray, slots: np.ndarray, k: int, q_row: np.ndarray,
+                  keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of one row whose k-th and (k+1)-th candidates tie: lower slots beyond k' may belong in it."""
+    v = sims[k - 1]
+    tied = slots[sims == v]
+    if all(np.array_equal(keys[t], keys[tied[0]]) for t in tied[1:]):
+        # The usual case: duplicate keys. Every copy ties; the lowest slots win the places left.
+        above = np.flatnonzero(sims > v)
+        group = identical_rows(keys, keys[tied[0]])[: k - above.size]
+        return (np.concatenate([sims[above], np.full(group.size, v, sims.dtype)]),
+                np.concatenate([slots[above], group]))
+    s = exact_row_sims(keys, q_row)  # distinct keys with bitwise-equal sims: recompute the row exactly
+    order = np.lexsort((np.arange(s.shape[0]), -s))[:k]
+    return s[order].astype(sims.dtype), order
+
+
 def fix_ties(sims: np.ndarray, slots: np.ndarray, k: int, q: np.ndarray,
              keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic ties: equal similarities ordered by lower slot, across the k boundary too.
@@ -118,13 +140,11 @@ def fix_ties(sims: np.ndarray, slots: np.ndarray, k: int, q: np.ndarray,
                 for rr, jj in zip(r[same], j[same], strict=True):  # ascending: chains carry left to right
                     sims[rr, jj + 1] = sims[rr, jj]
     if kp > k:
-        boundary = sims[:, k] == sims[:, k - 1]
-        sims, slots = sims[:, :k].copy(), slots[:, :k].copy()
-        for i in np.flatnonzero(boundary):
-            s = exact_row_sims(keys, q[i])
-            order = np.lexsort((np.arange(s.shape[0]), -s))[:k]
-            slots[i] = order
-            sims[i] = s[order]
+        boundary = np.flatnonzero(sims[:, k] == sims[:, k - 1])
+        top_s, top_i = sims[:, :k].copy(), slots[:, :k].copy()
+        for i in boundary:
+            top_s[i], top_i[i] = _boundary_row(sims[i], slots[i], k, q[i], keys)
+        sims, slots = top_s, top_i
     if k > 1:
         rows = np.flatnonzero(np.any(sims[:, 1:] == sims[:, :-1], axis=1))
         for i in rows:

@@ -28,7 +28,7 @@ class Metrics:
                                   buckets=LATENCY_BUCKETS, registry=r)
         self.compute = Histogram("memsrv_compute_duration_seconds", "Store work per request, by op.",
                                  ["op", "device"], buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_depth = Gauge("memsrv_queue_depth", "Requests admitted and not yet answered.", registry=r)
+        self.queue_depth = Gauge("memsrv_queue_depth", "Requests admitted and waiting to execute.", registry=r)
         self.request_bytes = Counter("memsrv_request_bytes_total", "Request bytes, by op.", ["op"], registry=r)
         self.response_bytes = Counter("memsrv_response_bytes_total", "Reply bytes, by op.", ["op"], registry=r)
         self.slots = Gauge("memsrv_memory_slots", "Capacity of each memory.", ["memory"], registry=r)

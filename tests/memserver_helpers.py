@@ -7,7 +7,9 @@ lexsort), written without the package's rules module so that the two can disagre
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,14 +26,28 @@ SMALL = {"capacity": 64, "key_dim": 16, "value_dim": 8}
 
 @contextlib.contextmanager
 def running_server(data_dir: Path | None, **kw: Any) -> Iterator[ServerProcess]:
-    """start_server, and always kill the process on the way out (stop() is the test's business)."""
-    kw.setdefault("log_path", (data_dir.parent if data_dir else Path("/tmp")) / f"server-{time.time_ns()}.log")
-    srv = start_server(data_dir, **kw)
+    """start_server, and always kill the process on the way out (stop() is the test's business).
+
+    The log goes next to the data dir (kept with pytest's tmp dirs); a RAM-only server's log is
+    deleted afterwards.
+    """
+    temp_log = None
+    if data_dir is not None:
+        kw.setdefault("log_path", data_dir.parent / f"server-{time.time_ns()}.log")
+    elif "log_path" not in kw:
+        fd, name = tempfile.mkstemp(prefix="memory-server-test-", suffix=".log")
+        os.close(fd)
+        temp_log = kw["log_path"] = Path(name)
     try:
-        yield srv
+        srv = start_server(data_dir, **kw)
+        try:
+            yield srv
+        finally:
+            if srv.poll() is None:
+                srv.kill()
     finally:
-        if srv.poll() is None:
-            srv.kill()
+        if temp_log is not None:
+            temp_log.unlink(missing_ok=True)
 
 
 def free_port() -> int:

@@ -145,3 +145,14 @@ def test_fix_ties_treats_identical_keys_as_equal_despite_gemm_rounding():
     assert got_sims[0, 0] == got_sims[0, 1]
     s2, sl2 = fix_ties(np.array([[0.9, 0.9 - 1e-7]], np.float32), np.array([[3, 0]]), 1, q, keys)
     np.testing.assert_array_equal(sl2, [[3]])  # distinct keys: values decide, even when close
+
+
+def test_fix_ties_finds_lower_duplicates_beyond_the_candidates():
+    from memory_server.backends import fix_ties
+    keys = unit(np.random.default_rng(6).standard_normal((12, 4)).astype(np.float32))
+    for s in (2, 5, 7, 9):
+        keys[s] = keys[0]  # slots 0, 2, 5, 7, 9 identical
+    sims = np.array([[1.0, 1.0]], np.float32)  # a backend returned two of the copies, not the lowest
+    got_sims, got_slots = fix_ties(sims, np.array([[9, 7]]), 1, keys[:1], keys)
+    np.testing.assert_array_equal(got_slots, [[0]])
+    assert got_sims[0, 0] == np.float32(1.0)
