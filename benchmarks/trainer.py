@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="pccnet-bench-trainer-"))
     from trainer.config import load_config
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.overrides)
     data = []
     try:
         from trainer.data import expand_pattern
