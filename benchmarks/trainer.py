@@ -50,7 +50,8 @@ def synthetic_shards(folder: Path, n: int = 256, size: int = 96) -> str:
 
 def train(config: str, out: Path, overrides: list[str], nproc: int = 1) -> list[dict]:
     """Run launch/train.py and return its stats.jsonl rows."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), GLOO_SOCKET_IFNAME="lo")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
+               GLOO_SOCKET_IFNAME="lo")
     if nproc == 1:
         cmd = [sys.executable, "launch/train.py"]
     else:

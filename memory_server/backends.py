@@ -57,10 +57,14 @@ def resolve_backend(choice: str) -> str:
     if choice == "torch":
         torch = import_torch()
         return "torch-cuda" if torch.cuda.is_available() else "torch-cpu"
-    faiss = import_faiss()
-    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     if choice == "faiss":
-        return "faiss-gpu" if gpus > 0 else "faiss-cpu"
+        faiss = import_faiss()
+        return "faiss-gpu" if getattr(faiss, "get_num_gpus", lambda: 0)() > 0 else "faiss-cpu"
+    try:
+        faiss = import_faiss()
+    except BackendUnavailable:  # auto without faiss: torch on CUDA can still serve (GPU images)
+        faiss = None
+    gpus = faiss.get_num_gpus() if faiss is not None and hasattr(faiss, "get_num_gpus") else 0
     # auto: faiss-gpu when installed with a GPU; torch on CUDA when a GPU exists without faiss-gpu.
     if gpus > 0:
         return "faiss-gpu"
@@ -72,6 +76,8 @@ def resolve_backend(choice: str) -> str:
             return "torch-cuda"
     except BackendUnavailable:
         pass
+    if faiss is None:
+        import_faiss()  # raises the clear "install pccnet[cpu] or pccnet[gpu]" error
     return "faiss-cpu"
 
 

@@ -94,10 +94,11 @@ def gan_step(ctx: StepContext, gen: nn.Module, disc: nn.Module, opt_g: torch.opt
     device = acc.device
     light, real_ab = batch["light"], batch["ab"]
     c = batch["color_feature"] if ctx.use_memory else uniform_color_feature(light.shape[0], device)
-    autocast = acc.autocast() if acc.mixed_precision != "no" else nullcontext()
+    def autocast():  # a fresh context per use: accelerate's is a one-shot generator context manager
+        return acc.autocast() if acc.mixed_precision != "no" else nullcontext()
     need_patches = cfg.pc > 0 or cfg.ic > 0
     t0 = _sync_time(device)
-    with autocast:
+    with autocast():
         fake_ab, w, z = gen(light, c, real_ab if need_patches else None, patch_generator)
     t1 = _sync_time(device)
 
@@ -106,7 +107,7 @@ def gan_step(ctx: StepContext, gen: nn.Module, disc: nn.Module, opt_g: torch.opt
     set_requires_grad(disc, True)
     real_lab = torch.cat((light, real_ab), dim=1)
     fake_lab = torch.cat((light, fake_ab.detach().to(light.dtype)), dim=1)
-    with autocast:
+    with autocast():
         logits = disc(torch.cat((real_lab, fake_lab)), torch.cat((c, c)))
     real_logits, fake_logits = logits.chunk(2)
     loss_d = losses.lsgan_d_loss(real_logits, fake_logits)
@@ -117,7 +118,7 @@ def gan_step(ctx: StepContext, gen: nn.Module, disc: nn.Module, opt_g: torch.opt
 
     # G step: D frozen and used unwrapped, so its DDP reducer never waits for gradients it won't get.
     set_requires_grad(disc, False)
-    with autocast:
+    with autocast():
         fake_logits_g = acc.unwrap_model(disc)(torch.cat((light, fake_ab), dim=1), c)
     loss_adv = losses.lsgan_g_loss(fake_logits_g)
     loss_smooth = losses.smooth_l1_loss(fake_ab, real_ab, delta=cfg.delta)
