@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -190,8 +191,9 @@ class Runner:
     # --- the loop ---------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
+        # Redraw often on a terminal, rarely into a log file (each redraw is a line there).
         bar = tqdm(total=self.total_steps, initial=self.start_step, disable=not self.main, dynamic_ncols=True,
-                   desc="train")
+                   desc="train", mininterval=0.5 if sys.stderr.isatty() else 30.0)
         last_logged: dict[str, float] = {}
         step = self.start_step
         window_t, window_images = time.perf_counter(), 0
