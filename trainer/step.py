@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from pccnet import losses
 from trainer.config import LossConfig, Phase1Config
-from trainer.models import GeneratorWithSampler, uniform_color_feature
+from trainer.models import uniform_color_feature
 
 
 @dataclass
@@ -146,7 +146,7 @@ def gan_step(ctx: StepContext, gen: nn.Module, disc: nn.Module, opt_g: torch.opt
         "d/real": float(real_logits.detach().float().mean()),
         "d/fake": float(fake_logits.detach().float().mean()),
     }
-    timings = {"forward": t1 - t0, "backward": t3 - t1}
+    timings = {"forward": t1 - t0, "d_step": t2 - t1, "g_step": t3 - t2}
     return scalars, timings
 
 
