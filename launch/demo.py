@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +23,10 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from launch.common import run_step  # noqa: E402
+
 # Photos scikit-image ships in its wheel, with their licences (skimage.data docstrings).
 PHOTOS = {
     "astronaut.png": "NASA, public domain",
@@ -69,16 +71,6 @@ def write_crops(photos: dict[str, Path], folder: Path, seed: int = 0) -> int:
     return n
 
 
-def run(cmd: list[str], what: str) -> None:
-    print(f"\n$ {' '.join(cmd)}", flush=True)
-    t0 = time.perf_counter()
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    res = subprocess.run(cmd, cwd=REPO, env=env, check=False)
-    if res.returncode != 0:
-        raise SystemExit(f"demo: {what} failed with exit code {res.returncode}")
-    print(f"  ({what}: {time.perf_counter() - t0:.0f} s)", flush=True)
-
-
 def comparison_sheet(originals: list[Path], colorized: list[Path], out: Path, height: int = 192) -> Path:
     """One row per held-out photo: gray input | PCCNet | original."""
     rows = []
@@ -114,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     n = write_crops(train, out / "crops")
     print(f"demo: {n} training crops of {CROP_SIZE}x{CROP_SIZE} in {out / 'crops'}")
     py = sys.executable
-    run([py, "launch/make_shards.py", "--input", str(out / "crops"), "--output", str(out / "shards"),
+    run_step([py, "launch/make_shards.py", "--input", str(out / "crops"), "--output", str(out / "shards"),
          "--prefix", "train", "--samples-per-shard", "64"], "making shards")
     shards = sorted((out / "shards").glob("train-*.tar"))
     pattern = str(out / "shards" / f"train-{{000000..{len(shards) - 1:06d}}}.tar")
@@ -123,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"phase1.steps={args.phase1_steps}")
     if args.phase2_steps is not None:
         overrides.append(f"phase2.steps={args.phase2_steps}")
-    run([py, "launch/train.py", "--config", "configs/demo.yaml", "--resume", "none", *overrides], "training")
-    run([py, "launch/colorize.py", "--checkpoint", str(out / "run"), "--input", *map(str, held),
+    run_step([py, "launch/train.py", "--config", "configs/demo.yaml", "--resume", "none", *overrides], "training")
+    run_step([py, "launch/colorize.py", "--checkpoint", str(out / "run"), "--input", *map(str, held),
          "--output", str(out / "colorized")], "colorizing")
     colorized = [out / "colorized" / f"{p.stem}.png" for p in held]
     sheet = comparison_sheet(held, colorized, out / "comparison.png")

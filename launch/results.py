@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from launch.common import run_step  # noqa: E402
 
 # Row name -> (label in the tables, train.py overrides). "gray" is evaluated, not trained.
 ROWS = {
@@ -38,16 +36,7 @@ BACKBONES = ("alexnet-imagenet", "vgg16-imagenet", "resnet18-scratch")
 
 
 def run(cmd: list[str], log: Path) -> None:
-    line = " ".join(shlex.quote(c) for c in cmd)
-    print(f"\n$ {line}", flush=True)
-    with open(log, "a") as f:
-        f.write(line + "\n")
-    t0 = time.perf_counter()
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    res = subprocess.run(cmd, cwd=REPO, env=env, check=False)
-    if res.returncode != 0:
-        raise SystemExit(f"failed ({res.returncode}): {line}")
-    print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    run_step(cmd, Path(cmd[1]).stem if len(cmd) > 1 else cmd[0], log)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
