@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-name", help="memory on that server")
     parser.add_argument("--baseline", choices=("none", "gray"), default="none",
                         help="'gray': score the ab = 0 output (the trivial baseline) instead of the model")
+    parser.add_argument("--retrieval", action="store_true",
+                        help="score the colour memory instead: KL of the retrieved distribution to each image's own")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when present)")
     args = parser.parse_args(argv)
@@ -55,10 +57,20 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.inference import USER_ERRORS, Colorizer
 
     try:
-        col = Colorizer(args.checkpoint, device=args.device, memory=args.memory, memory_name=args.memory_name)
+        col = Colorizer(args.checkpoint, device=args.device, memory=args.memory, memory_name=args.memory_name,
+                        need_memory=args.retrieval)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.retrieval:
+        try:
+            result = evaluate_retrieval(col, args.data, args.batch_size)
+        except DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        finally:
+            col.close()
+        return write_result(result, Path(args.output), retrieval_table(result))
     try:
         data_cfg = col.cfg.data
         data_cfg.batch_size = args.batch_size
@@ -106,12 +118,65 @@ def main(argv: list[str] | None = None) -> int:
         }
     finally:
         col.close()
-    out = Path(args.output)
+    return write_result(result, Path(args.output), markdown_table(result))
+
+
+def write_result(result: dict, out: Path, table: str) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(markdown_table(result))
+    print(table)
     print(f"\nwritten {out}")
     return 0
+
+
+RETRIEVAL_THRESHOLDS = (0.5, 1.0, 1.5)
+
+
+def evaluate_retrieval(col, pattern: str, batch_size: int) -> dict:
+    """KL(retrieved || own) per test image, against a random written slot (chance) and the best one (oracle)."""
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from pccnet.losses import kl_divergence
+    from trainer.data import make_eval_loader
+
+    exported = col.client.export(memory=col.memory_name)
+    written = torch.from_numpy(exported["values"][exported["item_ids"] >= 0]).double()  # [n, 313]
+    if written.shape[0] == 0:
+        raise ValueError(f"memory {col.memory_name!r} of {col.path} holds no written slot")
+    data_cfg = col.cfg.data
+    data_cfg.batch_size = batch_size
+    got, chance, oracle = [], [], []
+    for batch in tqdm(make_eval_loader(pattern, data_cfg, 0, 1), desc="retrieval", unit="batch"):
+        target = batch["color_feature"].double()  # [B, 313]
+        retrieved = col.retrieve(batch["light"]).cpu().double()
+        got.append(kl_divergence(retrieved, target))
+        every = kl_divergence(written[None], target[:, None])  # [B, n]: each written value vs each image
+        chance.append(every.mean(1))
+        oracle.append(every.min(1).values)
+    got, chance, oracle = (torch.cat(x).numpy() for x in (got, chance, oracle))
+    result = {
+        "retrieval_kl": float(got.mean()), "retrieval_kl_median": float(np.median(got)),
+        "chance_kl": float(chance.mean()), "oracle_kl": float(oracle.mean()),
+        "n_images": int(got.shape[0]), "written_slots": int(written.shape[0]),
+        "threshold": col.cfg.phase1.threshold, "extractor": col.cfg.model.extractor,
+        "checkpoint": str(col.path), "data": pattern,
+    }
+    for t in sorted(set(RETRIEVAL_THRESHOLDS) | {col.cfg.phase1.threshold}):
+        result[f"acc@{t:g}"] = float((got < t).mean())
+    return result
+
+
+def retrieval_table(r: dict) -> str:
+    accs = [k for k in r if k.startswith("acc@")]
+    lines = ["| metric | value |", "| --- | --- |", f"| images | {r['n_images']} |",
+             f"| written slots | {r['written_slots']} |",
+             f"| KL(retrieved, own), mean / median (nats) | {r['retrieval_kl']:.3f} / {r['retrieval_kl_median']:.3f} |",
+             f"| KL of a random written slot (chance) | {r['chance_kl']:.3f} |",
+             f"| KL of the best written slot (oracle) | {r['oracle_kl']:.3f} |"]
+    lines += [f"| accuracy at KL < {k[4:]} | {r[k]:.3f} |" for k in accs]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

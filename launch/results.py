@@ -46,13 +46,6 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def last_value(stats: Path, key: str) -> float | None:
-    from trainer.stats import read_jsonl
-
-    values = [row[key] for row in read_jsonl(stats) if row.get(key) is not None]
-    return values[-1] if values else None
-
-
 def train_phase1(cfg_path: str, cfg, root: Path, name: str, extra: list[str], log: Path) -> Path:
     out = root / name
     ckpt = latest_checkpoint(out)
@@ -85,12 +78,19 @@ def main(argv: list[str] | None = None) -> int:
         table = {}
         for backbone in BACKBONES:
             name = f"phase1-{backbone}"
-            train_phase1(args.config, cfg, root, name, [*args.overrides, f"model.extractor={backbone}"], log)
-            table[backbone] = last_value(root / name / "stats.jsonl", "val/retrieval_acc")
+            ckpt = train_phase1(args.config, cfg, root, name, [*args.overrides, f"model.extractor={backbone}"], log)
+            out = root / f"retrieval-{backbone}.json"
+            if not out.is_file():
+                run([sys.executable, "launch/evaluate.py", "--checkpoint", str(ckpt), "--data", cfg.data.val,
+                     "--output", str(out), "--retrieval"], log)
+            table[backbone] = json.loads(out.read_text())
         (root / "backbones.json").write_text(json.dumps(table, indent=2) + "\n")
-        print("\n| backbone | phase-1 retrieval accuracy on data.val |\n| --- | --- |")
-        for k, v in table.items():
-            print(f"| {k} | {v:.3f} |" if v is not None else f"| {k} | n/a |")
+        accs = sorted({k for r in table.values() for k in r if k.startswith("acc@")}, key=lambda k: float(k[4:]))
+        print("\n| backbone | KL(retrieved, own) | chance | oracle | " + " | ".join(accs) + " | written slots |")
+        print("| --- " * (5 + len(accs)) + "|")
+        for k, r in table.items():
+            print(f"| {k} | {r['retrieval_kl']:.3f} | {r['chance_kl']:.3f} | {r['oracle_kl']:.3f} | "
+                  + " | ".join(f"{r[a]:.3f}" for a in accs) + f" | {r['written_slots']} |")
         return 0
 
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]

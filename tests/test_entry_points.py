@@ -104,6 +104,19 @@ def test_memorize_then_colorize_with_the_named_memory(trained, photos, tmp_path)
         assert server.stop() == 0
 
 
+def test_evaluate_retrieval_scores_the_memory(trained, tmp_path):
+    run, shards = trained
+    out = tmp_path / "retrieval.json"
+    res = run_cmd([PYTHON, "launch/evaluate.py", "--checkpoint", str(run), "--data", shards, "--output", str(out),
+                   "--retrieval"])
+    assert res.returncode == 0, res.stdout[-3000:]
+    r = json.loads(out.read_text())
+    assert r["n_images"] == 16 and r["written_slots"] >= 1
+    # The retrieved slot is one of the written ones, so it can never beat the best of them.
+    assert r["oracle_kl"] <= r["retrieval_kl"] + 1e-6
+    assert 0.0 <= r["acc@0.5"] <= r["acc@1"] <= r["acc@1.5"] <= 1.0
+
+
 def test_evaluate_writes_every_metric(trained, tmp_path):
     run, shards = trained
     out = tmp_path / "eval.json"

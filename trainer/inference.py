@@ -69,7 +69,7 @@ class Colorizer:
     """A checkpoint's generator and extractor plus a memory to retrieve colour features from."""
 
     def __init__(self, checkpoint: str | Path, device: str | None = None, memory: str | None = None,
-                 memory_name: str | None = None, timeout_ms: int = 30000) -> None:
+                 memory_name: str | None = None, timeout_ms: int = 30000, need_memory: bool = False) -> None:
         self.device = pick_device(device)
         state = load_for_inference(checkpoint, map_location="cpu")
         self.path = state["path"]
@@ -90,7 +90,7 @@ class Colorizer:
         self._tmp = None
         self.client = None
         self.capacity = None
-        if self.use_memory:
+        if self.use_memory or need_memory:
             self._open_memory(state["memory"], memory, timeout_ms)
 
     def _open_memory(self, saved: dict | None, endpoint: str | None, timeout_ms: int) -> None:
@@ -125,7 +125,14 @@ class Colorizer:
         """Network-scaled light [B,1,S,S] -> the colour feature the generator is conditioned on."""
         if not self.use_memory:
             return torch.full((light.shape[0], NUM_BINS), 1.0 / NUM_BINS, device=light.device)
-        c, _ = retrieve_color_feature(self.extractor, light, self.client, name=self.memory_name,
+        return self.retrieve(light)
+
+    @torch.no_grad()
+    def retrieve(self, light: Tensor) -> Tensor:
+        """The memory's answer for network-scaled light [B,1,S,S]: the colour distribution [B,313]."""
+        if self.client is None:
+            raise ValueError(f"checkpoint {self.path}: no memory is open (pass need_memory=True)")
+        c, _ = retrieve_color_feature(self.extractor, light.to(self.device), self.client, name=self.memory_name,
                                       k=min(16, self.capacity))
         return c
 
