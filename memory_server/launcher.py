@@ -7,6 +7,7 @@ with the tail of that log.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import selectors
 import signal
@@ -108,11 +109,24 @@ def server_command(data_dir: str | Path | None, bind: str = "tcp://127.0.0.1:0",
     return argv + [str(a) for a in extra_args]
 
 
+def _terminate_with_parent() -> None:
+    # An embedded server must not outlive a kill -9'd trainer: it would hold the data-dir lock that the
+    # resumed run's server needs. SIGTERM (not SIGKILL) so it still snapshots and exits cleanly.
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def start_server(data_dir: str | Path | None, bind: str = "tcp://127.0.0.1:0", capacity: int | None = None,
                  key_dim: int | None = None, value_dim: int | None = None, durability: str = "always",
                  extra_args: Sequence[str] = (), timeout_s: float = 60.0,
-                 log_path: str | Path | None = None) -> ServerProcess:
-    """Spawn a server and return once it prints READY; ServerStartError (with its log tail) otherwise."""
+                 log_path: str | Path | None = None, die_with_parent: bool = True) -> ServerProcess:
+    """Spawn a server and return once it prints READY; ServerStartError (with its log tail) otherwise.
+
+    With die_with_parent (Linux), the server gets SIGTERM when the thread that started it dies.
+    """
     argv = server_command(data_dir, bind, capacity, key_dim, value_dim, durability, extra_args)
     if log_path is None:
         fd, name = tempfile.mkstemp(prefix="memory-server-", suffix=".log")
@@ -124,7 +138,7 @@ def start_server(data_dir: str | Path | None, bind: str = "tcp://127.0.0.1:0", c
     env["PYTHONUNBUFFERED"] = "1"
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log_file, stdin=subprocess.DEVNULL,
-                                env=env)
+                                env=env, preexec_fn=_terminate_with_parent if die_with_parent else None)
     deadline = time.monotonic() + timeout_s
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)

@@ -86,7 +86,11 @@ def test_kill_9_then_resume_restores_the_memory(tmp_path, shards):
         latest = max(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
         saved = np.load(out / "checkpoints" / latest / "memory.npz")
         with MemoryClient(server.endpoint) as client:
-            assert not np.array_equal(client.export()["ages"], saved["ages"])  # the memory moved on
+            # The kill may land just after a checkpoint; one more write makes sure the memory moved on.
+            rng = np.random.default_rng(0)
+            client.update(rng.standard_normal((2, 32)).astype(np.float32),
+                          rng.random((2, 313)).astype(np.float32) + 0.01, threshold=0.0)
+            assert not np.array_equal(client.export()["ages"], saved["ages"])
         # Resume with the run cut to end at the checkpoint: set-up restores the memory, no step runs.
         steps = int(latest.split("-")[1])
         res = run_cmd(torchrun_cmd(cfg, "--resume", "auto", f"phase1.steps={steps}"))
