@@ -56,12 +56,51 @@ def train_phase1(cfg_path: str, cfg, root: Path, name: str, extra: list[str], lo
     return ckpt
 
 
+def sample_sheet(cfg, root: Path, out: Path, n_images: int) -> int:
+    """One row per test image: gray | each trained row's colorization | ground truth (PNG)."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageDraw
+
+    from pccnet.color import gray_rgb, lab_from_network, lab_to_rgb
+    from trainer.data import make_eval_loader
+    from trainer.inference import Colorizer
+
+    cfg.data.batch_size = n_images
+    batch = next(iter(make_eval_loader(cfg.data.val, cfg.data, 0, 1)))
+    light, real_ab = batch["light"][:n_images], batch["ab"][:n_images]
+    short = {"full": "PCCNet", "no_memory": "w/o M", "no_pc": "w/o L_PC", "no_ic": "w/o L_IC", "pix2pix": "cGAN+L1"}
+    columns = [("gray input", gray_rgb(light))]
+    for row, (_, overrides) in ROWS.items():
+        if overrides is None or latest_checkpoint(root / row) is None:
+            continue
+        with Colorizer(root / row, device="cpu") as col:
+            columns.append((short[row], lab_to_rgb(lab_from_network(light, col.predict_ab(light)))))
+    columns.append(("ground truth", lab_to_rgb(lab_from_network(light, real_ab))))
+    size, pad, head = light.shape[-1] * 2, 4, 28
+    sheet = Image.new("RGB", (len(columns) * (size + pad) + pad, head + n_images * (size + pad)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for j, (label, rgb) in enumerate(columns):
+        x = pad + j * (size + pad)
+        draw.text((x, 4), label, fill=(0, 0, 0))
+        tiles = (rgb.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        for i, tile in enumerate(tiles):
+            img = Image.fromarray(np.ascontiguousarray(tile)).resize((size, size), Image.NEAREST)
+            sheet.paste(img, (x, head + i * (size + pad)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+    print(f"written {out} ({len(columns) - 2} trained rows, {n_images} test images)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("--root", help="output folder (default runs/results/<config name>)")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {list(ROWS)}")
     parser.add_argument("--backbones", action="store_true", help="phase-1 retrieval accuracy of each backbone")
+    parser.add_argument("--figure", metavar="PNG", help="write a sample sheet of the trained rows instead")
+    parser.add_argument("--images", type=int, default=6, help="test images in the sample sheet")
     parser.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
     args = parser.parse_args(argv)
 
@@ -73,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     log = root / "commands.txt"
     if not cfg.data.val:
         raise SystemExit(f"{args.config}: data.val must name the test split")
+
+    if args.figure:
+        return sample_sheet(cfg, root, Path(args.figure), args.images)
 
     if args.backbones:
         table = {}
