@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from pccnet.blocks import assert_shape, conv_block, init_weights
+from pccnet.blocks import assert_shape, conv_block, init_weights, standardize_color_feature
 from pccnet.config import DiscriminatorConfig
 
 _SAME_PAD_4 = (1, 2, 1, 2)  # (left, right, top, bottom) for a 4x4 stride-1 conv: output = input
@@ -46,7 +46,8 @@ class PatchDiscriminator(nn.Module):
         assert_shape(lab, (None, 3, None, None), "lab")
         assert_shape(color_feature, (lab.shape[0], self.cfg.color_dim), "color_feature")
         height, width = lab.shape[-2:]
-        tiled = color_feature[:, :, None, None].to(lab.dtype).expand(-1, -1, height, width)
+        c = standardize_color_feature(color_feature)  # unit scale, like the Lab channels
+        tiled = c[:, :, None, None].to(lab.dtype).expand(-1, -1, height, width)
         return self.body(torch.cat((lab, tiled), dim=1))
 
 

@@ -11,7 +11,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pccnet.blocks import BlurDown, BlurUp, ResBlock, assert_shape, conv_block, init_weights, instance_norm
+from pccnet.blocks import (
+    BlurDown,
+    BlurUp,
+    ResBlock,
+    assert_shape,
+    conv_block,
+    init_weights,
+    instance_norm,
+    standardize_color_feature,
+)
 from pccnet.config import GeneratorConfig
 
 MIN_SIDE = 8  # after two x2 down-samplings the ResBlocks' reflect pad 1 needs at least 2 x 2
@@ -132,7 +141,7 @@ class Generator(nn.Module):
         assert_shape(color_feature, (None, self.cfg.color_dim), "color_feature")
         channels = 4 * self.cfg.width
         # MUNIT's slicing: per layer, the first `channels` outputs are the shift y2, the next the scale y1.
-        params = self.mlp(color_feature).view(-1, self.n_adain_layers, 2, channels)
+        params = self.mlp(standardize_color_feature(color_feature)).view(-1, self.n_adain_layers, 2, channels)
         if self.cfg.adain_scale_offset:
             params = torch.stack((params[:, :, 0], 1.0 + params[:, :, 1]), dim=2)
         return params.view(-1, self.cfg.n_blocks_decoder, 2, 2, channels)

@@ -57,6 +57,18 @@ def test_bad_values_name_their_path(override, message):
         load_config(None, [override])
 
 
+def test_floats_written_like_1e_3_are_numbers(tmp_path):
+    # PyYAML reads `1e-3` (no dot) as a string; the config still takes it as the number it means.
+    path = tmp_path / "c.yaml"
+    path.write_text("phase2: {lr: 1e-3, lr_final: 2E-6}\n")
+    cfg = load_config(path, ["phase1.lr=5e-4"])
+    assert cfg.phase2.lr == 1e-3 and cfg.phase2.lr_final == 2e-6 and cfg.phase1.lr == 5e-4
+    with pytest.raises(ConfigError, match=r"phase2\.lr: expected a number, got '1e-3x'"):
+        load_config(None, ["phase2.lr=1e-3x"])
+    with pytest.raises(ConfigError, match=r"data\.image_size: expected an int, got '6e1'"):
+        load_config(None, ["data.image_size=6e1"])
+
+
 def test_override_into_a_scalar_is_an_error():
     with pytest.raises(ConfigError, match=r"model\.width is not a section"):
         load_config(None, ["model.width=8", "model.width.x=1"])
@@ -85,7 +97,7 @@ def test_save_and_reload_round_trip(tmp_path):
 def test_resume_differences_classify_keys():
     saved = load_config(None)
     current = load_config(None, ["phase2.steps=99", "run.checkpoint_every=7", "model.width=32",
-                                 "loss.smooth=100"])
+                                 "loss.smooth=10"])
     diff = resume_differences(saved, current)
     assert diff["bookkeeping"] == ["phase2.steps", "run.checkpoint_every"]
     assert diff["shape"] == ["model.width"]
