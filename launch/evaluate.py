@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-name", help="memory on that server")
     parser.add_argument("--baseline", choices=("none", "gray"), default="none",
                         help="'gray': score the ab = 0 output (the trivial baseline) instead of the model")
+    parser.add_argument("--color-feature", choices=("memory", "own"), default="memory",
+                        help="'own': condition on each test image's own colour distribution instead of the "
+                             "memory's answer (a perfect memory: the upper bound retrieval could reach)")
     parser.add_argument("--retrieval", action="store_true",
                         help="score the colour memory instead: KL of the retrieved distribution to each image's own")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -56,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.data import DataError, make_eval_loader
     from trainer.inference import USER_ERRORS, Colorizer
 
+    if args.color_feature == "own" and args.baseline == "gray":
+        parser.error("--color-feature own has no effect with --baseline gray")
     try:
         col = Colorizer(args.checkpoint, device=args.device, memory=args.memory, memory_name=args.memory_name,
                         need_memory=args.retrieval)
@@ -85,7 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         for batch in tqdm(loader, desc="evaluate", unit="batch"):
             light = batch["light"].to(col.device)
             real_ab = batch["ab"].to(col.device)
-            fake_ab = torch.zeros_like(real_ab) if args.baseline == "gray" else col.predict_ab(light)
+            if args.baseline == "gray":
+                fake_ab = torch.zeros_like(real_ab)
+            else:
+                own = batch["color_feature"] if args.color_feature == "own" else None
+                fake_ab = col.predict_ab(light, own)
             pred = lab_to_rgb(lab_from_network(light, fake_ab)).cpu()
             real = lab_to_rgb(lab_from_network(light, real_ab)).cpu()
             psnr.append(metrics.psnr(pred, real))
@@ -115,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             "checkpoint": str(col.path),
             "data": args.data,
             "baseline": args.baseline,
+            "color_feature": args.color_feature,
         }
     finally:
         col.close()

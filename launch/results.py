@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 
 from launch.common import run_step  # noqa: E402
 
-# Row name -> (label in the tables, train.py overrides). "gray" is evaluated, not trained.
+# Row name -> (label in the tables, train.py overrides). None: evaluated from "full", not trained.
 ROWS = {
     "full": ("PCCNet (full)", []),
     "no_memory": ("without M", ["model.use_memory=false"]),
@@ -31,7 +31,10 @@ ROWS = {
     "no_ic": ("without L_IC", ["loss.ic=0"]),
     "pix2pix": ("cGAN + smooth L1 (Pix2Pix-like)", ["model.use_memory=false", "loss.pc=0", "loss.ic=0"]),
     "gray": ("gray output (ab = 0)", None),
+    "oracle": ("PCCNet, own colour feature (perfect memory)", None),
 }
+# evaluate.py arguments of the rows that are evaluated from the full model rather than trained.
+EVAL_ONLY = {"gray": ["--baseline", "gray"], "oracle": ["--color-feature", "own"]}
 BACKBONES = ("alexnet-imagenet", "vgg16-imagenet", "resnet18-scratch")
 
 
@@ -154,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
                 run([sys.executable, "launch/train.py", "--config", args.config, *start, f"run.out_dir={out}",
                      *args.overrides, *overrides], log)
         if not eval_json.is_file():
-            source = root / ("full" if row == "gray" else row)
-            extra = ["--baseline", "gray"] if row == "gray" else []
+            source = root / ("full" if row in EVAL_ONLY else row)
+            extra = EVAL_ONLY.get(row, [])
             run([sys.executable, "launch/evaluate.py", "--checkpoint", str(source), "--data", cfg.data.val,
                  "--output", str(eval_json), *extra], log)
         results[row] = dict(json.loads(eval_json.read_text()), label=label)

@@ -134,3 +134,33 @@ def test_evaluate_writes_every_metric(trained, tmp_path):
     gray_result = json.loads(gray.read_text())
     assert gray_result["colorfulness"] < 0.5 < gray_result["colorfulness_real"]
     assert gray_result["n_images"] == 16
+
+
+def test_evaluate_with_each_image_own_colour_feature(trained, tmp_path):
+    run, shards = trained
+    out = tmp_path / "own.json"
+    res = run_cmd([PYTHON, "launch/evaluate.py", "--checkpoint", str(run), "--data", shards, "--output", str(out),
+                   "--color-feature", "own"])
+    assert res.returncode == 0, res.stdout[-3000:]
+    result = json.loads(out.read_text())
+    assert result["color_feature"] == "own" and result["n_images"] == 16 and np.isfinite(result["fid"])
+    res = run_cmd([PYTHON, "launch/evaluate.py", "--checkpoint", str(run), "--data", shards, "--output", str(out),
+                   "--color-feature", "own", "--baseline", "gray"])
+    assert res.returncode == 2 and "--color-feature own" in res.stdout
+
+
+def test_predict_ab_is_conditioned_on_the_given_colour_feature(trained):
+    import torch
+
+    from pccnet.color import NUM_BINS
+    from trainer.inference import Colorizer
+
+    run, _ = trained
+    light = torch.rand(2, 1, 32, 32) * 2 - 1
+    with Colorizer(run, device="cpu") as col:
+        one_hot = torch.zeros(2, NUM_BINS)
+        one_hot[:, 0] = 1.0
+        uniform = torch.full((2, NUM_BINS), 1.0 / NUM_BINS)
+        a, b = col.predict_ab(light, one_hot), col.predict_ab(light, uniform)
+    assert a.shape == (2, 2, 32, 32)
+    assert not torch.allclose(a, b), "the colour feature passed in does not reach the generator"

@@ -137,10 +137,14 @@ class Colorizer:
         return c
 
     @torch.no_grad()
-    def predict_ab(self, light: Tensor) -> Tensor:
-        """Network-scaled light [B,1,S,S] at the model size -> ab/110 [B,2,S,S]."""
+    def predict_ab(self, light: Tensor, color_feature: Tensor | None = None) -> Tensor:
+        """Network-scaled light [B,1,S,S] at the model size -> ab/110 [B,2,S,S].
+
+        `color_feature` [B,313] replaces the memory's answer (evaluate.py --color-feature own).
+        """
         light = light.to(self.device)
-        return self.generator(light, self.color_features(light))
+        c = self.color_features(light) if color_feature is None else color_feature.to(self.device, light.dtype)
+        return self.generator(light, c)
 
     @torch.no_grad()
     def colorize_images(self, images: list[Image.Image]) -> list[np.ndarray]:
