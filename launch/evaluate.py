@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="JSON file to write")
     parser.add_argument("--memory", help="endpoint of a running memory server (default: the checkpoint's memory)")
     parser.add_argument("--memory-name", help="memory on that server")
+    parser.add_argument("--memory-from", metavar="CHECKPOINT",
+                        help="retrieve with the extractor and memory saved in this (e.g. phase-1) checkpoint")
     parser.add_argument("--baseline", choices=("none", "gray"), default="none",
                         help="'gray': score the ab = 0 output (the trivial baseline) instead of the model")
     parser.add_argument("--color-feature", choices=("memory", "own"), default="memory",
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--color-feature own has no effect with --baseline gray")
     try:
         col = Colorizer(args.checkpoint, device=args.device, memory=args.memory, memory_name=args.memory_name,
-                        need_memory=args.retrieval)
+                        need_memory=args.retrieval, memory_from=args.memory_from)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -122,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             "image_size": col.image_size,
             "background": col.background,
             "checkpoint": str(col.path),
+            "memory_from": str(col.memory_source),
             "data": args.data,
             "baseline": args.baseline,
             "color_feature": args.color_feature,
@@ -157,10 +160,12 @@ def evaluate_retrieval(col, pattern: str, batch_size: int) -> dict:
         raise ValueError(f"memory {col.memory_name!r} of {col.path} holds no written slot")
     data_cfg = col.cfg.data
     data_cfg.batch_size = batch_size
-    got, chance, oracle = [], [], []
+    got, chance, oracle, slots = [], [], [], []
     for batch in tqdm(make_eval_loader(pattern, data_cfg, 0, 1), desc="retrieval", unit="batch"):
         target = batch["color_feature"].double()  # [B, 313]
-        retrieved = col.retrieve(batch["light"]).cpu().double()
+        retrieved, picked = col.retrieve(batch["light"], return_slots=True)
+        retrieved = retrieved.cpu().double()
+        slots.append(picked)
         got.append(kl_divergence(retrieved, target))
         every = kl_divergence(written[None], target[:, None])  # [B, n]: each written value vs each image
         chance.append(every.mean(1))
@@ -170,6 +175,8 @@ def evaluate_retrieval(col, pattern: str, batch_size: int) -> dict:
         "retrieval_kl": float(got.mean()), "retrieval_kl_median": float(np.median(got)),
         "chance_kl": float(chance.mean()), "oracle_kl": float(oracle.mean()),
         "n_images": int(got.shape[0]), "written_slots": int(written.shape[0]),
+        # How many different slots answered: 1 means every image got the same colours.
+        "distinct_answers": int(np.unique(np.concatenate(slots)).size),
         "threshold": col.cfg.phase1.threshold, "extractor": col.cfg.model.extractor,
         "checkpoint": str(col.path), "data": pattern,
     }
@@ -182,6 +189,7 @@ def retrieval_table(r: dict) -> str:
     accs = [k for k in r if k.startswith("acc@")]
     lines = ["| metric | value |", "| --- | --- |", f"| images | {r['n_images']} |",
              f"| written slots | {r['written_slots']} |",
+             f"| distinct slots retrieved | {r['distinct_answers']} |",
              f"| KL(retrieved, own), mean / median (nats) | {r['retrieval_kl']:.3f} / {r['retrieval_kl_median']:.3f} |",
              f"| KL of a random written slot (chance) | {r['chance_kl']:.3f} |",
              f"| KL of the best written slot (oracle) | {r['oracle_kl']:.3f} |"]

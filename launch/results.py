@@ -49,6 +49,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def phase1_name(cfg, extractor: str) -> str:
+    """The memory depends on the backbone and on delta_1; a changed threshold trains a new one."""
+    return f"phase1-{extractor}-t{cfg.phase1.threshold:g}"
+
+
 def train_phase1(cfg_path: str, cfg, root: Path, name: str, extra: list[str], log: Path) -> Path:
     out = root / name
     ckpt = latest_checkpoint(out)
@@ -122,27 +127,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.backbones:
         table = {}
         for backbone in BACKBONES:
-            name = f"phase1-{backbone}"
+            name = phase1_name(cfg, backbone)
             ckpt = train_phase1(args.config, cfg, root, name, [*args.overrides, f"model.extractor={backbone}"], log)
-            out = root / f"retrieval-{backbone}.json"
+            out = root / f"retrieval-{name[len('phase1-'):]}.json"
             if not out.is_file():
                 run([sys.executable, "launch/evaluate.py", "--checkpoint", str(ckpt), "--data", cfg.data.val,
                      "--output", str(out), "--retrieval"], log)
             table[backbone] = json.loads(out.read_text())
         (root / "backbones.json").write_text(json.dumps(table, indent=2) + "\n")
         accs = sorted({k for r in table.values() for k in r if k.startswith("acc@")}, key=lambda k: float(k[4:]))
-        print("\n| backbone | KL(retrieved, own) | chance | oracle | " + " | ".join(accs) + " | written slots |")
-        print("| --- " * (5 + len(accs)) + "|")
+        print("\n| backbone | KL(retrieved, own) | chance | oracle | " + " | ".join(accs) + " | written slots | distinct answers |")
+        print("| --- " * (6 + len(accs)) + "|")
         for k, r in table.items():
             print(f"| {k} | {r['retrieval_kl']:.3f} | {r['chance_kl']:.3f} | {r['oracle_kl']:.3f} | "
-                  + " | ".join(f"{r[a]:.3f}" for a in accs) + f" | {r['written_slots']} |")
+                  + " | ".join(f"{r[a]:.3f}" for a in accs) + f" | {r['written_slots']} | {r.get('distinct_answers', '?')} |")
         return 0
 
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; choose from {list(ROWS)}")
-    phase1 = train_phase1(args.config, cfg, root, f"phase1-{cfg.model.extractor}", list(args.overrides), log)
+    phase1 = train_phase1(args.config, cfg, root, phase1_name(cfg, cfg.model.extractor), list(args.overrides), log)
     results = {}
     for row in rows:
         label, overrides = ROWS[row]
@@ -156,12 +161,22 @@ def main(argv: list[str] | None = None) -> int:
                 start = ["--resume", str(phase1)] if ckpt is None else ["--resume", "auto"]
                 run([sys.executable, "launch/train.py", "--config", args.config, *start, f"run.out_dir={out}",
                      *args.overrides, *overrides], log)
+        # Rows that retrieve are scored with the shared phase-1 memory: phase 2 never reads the memory, so
+        # a row trained before delta_1 was recalibrated is re-scored, not retrained, when phase 1 changes.
+        retrieves = row in ("full", "no_pc", "no_ic")
+        if eval_json.is_file() and retrieves and json.loads(eval_json.read_text()).get("memory_from") != str(phase1):
+            eval_json.unlink()
         if not eval_json.is_file():
             source = root / ("full" if row in EVAL_ONLY else row)
-            extra = EVAL_ONLY.get(row, [])
+            extra = EVAL_ONLY.get(row, []) + (["--memory-from", str(phase1)] if retrieves else [])
             run([sys.executable, "launch/evaluate.py", "--checkpoint", str(source), "--data", cfg.data.val,
                  "--output", str(eval_json), *extra], log)
         results[row] = dict(json.loads(eval_json.read_text()), label=label)
+    # Rows scored by an earlier call (--rows subset) stay in the table rather than being dropped.
+    for row, (label, _) in ROWS.items():
+        if row not in results and (root / f"eval-{row}.json").is_file():
+            results[row] = dict(json.loads((root / f"eval-{row}.json").read_text()), label=label)
+    results = {row: results[row] for row in ROWS if row in results}
     (root / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"\n{Path(args.config).stem}: {cfg.data.image_size} px, {cfg.phase2.steps} phase-2 steps of batch "
           f"{cfg.data.batch_size}")

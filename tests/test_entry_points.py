@@ -164,3 +164,30 @@ def test_predict_ab_is_conditioned_on_the_given_colour_feature(trained):
         a, b = col.predict_ab(light, one_hot), col.predict_ab(light, uniform)
     assert a.shape == (2, 2, 32, 32)
     assert not torch.allclose(a, b), "the colour feature passed in does not reach the generator"
+
+
+def test_evaluate_with_the_memory_of_another_checkpoint(trained, tmp_path):
+    run, shards = trained
+    from trainer.checkpoint import list_checkpoints
+
+    ckpt = list_checkpoints(run)[-1]
+    out = tmp_path / "other.json"
+    res = run_cmd([PYTHON, "launch/evaluate.py", "--checkpoint", str(run), "--data", shards, "--output", str(out),
+                   "--memory-from", str(ckpt)])
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert json.loads(out.read_text())["memory_from"] == str(ckpt)
+    missing = tmp_path / "no-such-checkpoint"
+    res = run_cmd([PYTHON, "launch/evaluate.py", "--checkpoint", str(run), "--data", shards, "--output", str(out),
+                   "--memory-from", str(missing)])
+    assert res.returncode == 2 and str(missing) in res.stdout
+
+
+def test_calibrate_threshold_reports_the_quantile(trained):
+    run, _ = trained
+    config = run.parent / "c.yaml"
+    res = run_cmd([PYTHON, "launch/calibrate_threshold.py", "--config", str(config), "--positive-rate", "0.2"])
+    assert res.returncode == 0, res.stdout[-3000:]
+    line = [x for x in res.stdout.splitlines() if x.startswith("phase1.threshold for 20% positive pairs")]
+    assert len(line) == 1 and float(line[0].split(":")[-1]) > 0.0
+    res = run_cmd([PYTHON, "launch/calibrate_threshold.py", "--config", str(config), "--positive-rate", "1.5"])
+    assert res.returncode == 2 and "1.5" in res.stdout

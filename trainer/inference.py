@@ -69,7 +69,8 @@ class Colorizer:
     """A checkpoint's generator and extractor plus a memory to retrieve colour features from."""
 
     def __init__(self, checkpoint: str | Path, device: str | None = None, memory: str | None = None,
-                 memory_name: str | None = None, timeout_ms: int = 30000, need_memory: bool = False) -> None:
+                 memory_name: str | None = None, timeout_ms: int = 30000, need_memory: bool = False,
+                 memory_from: str | Path | None = None) -> None:
         self.device = pick_device(device)
         state = load_for_inference(checkpoint, map_location="cpu")
         self.path = state["path"]
@@ -80,23 +81,29 @@ class Colorizer:
         gen_state = {k[len("generator."):]: v for k, v in state["models"]["generator"].items()
                      if k.startswith("generator.")}
         self.generator.load_state_dict(gen_state)
-        self.extractor = build_extractor(self.cfg.model)
-        load_trainable_state(self.extractor, state["models"]["extractor"], "extractor")
+        # memory_from: the extractor and memory of another checkpoint (phase 2 never reads the memory, so
+        # a generator can be scored with any memory trained for the same data).
+        source = state if memory_from is None else load_for_inference(memory_from, map_location="cpu")
+        self.memory_source = source["path"]
+        self.extractor_dim = source["config"].model.extractor_dim
+        self.extractor = build_extractor(source["config"].model)
+        load_trainable_state(self.extractor, source["models"]["extractor"], "extractor")
         self.generator.to(self.device).eval()
         self.extractor.to(self.device).eval()
         self.use_memory = self.cfg.model.use_memory
-        self.memory_name = memory_name or self.cfg.memory.name
+        self.memory_name = memory_name or source["config"].memory.name
         self._server = None
         self._tmp = None
         self.client = None
         self.capacity = None
         if self.use_memory or need_memory:
-            self._open_memory(state["memory"], memory, timeout_ms)
+            self._open_memory(source["memory"], memory, timeout_ms)
 
     def _open_memory(self, saved: dict | None, endpoint: str | None, timeout_ms: int) -> None:
         if endpoint is None:
             if saved is None:
-                raise ValueError(f"checkpoint {self.path} holds no memory; pass --memory to use a running server")
+                raise ValueError(f"checkpoint {self.memory_source} holds no memory; pass --memory to use a running "
+                                 "server")
             # The checkpoint's own memory, served by a throwaway embedded server.
             self._tmp = tempfile.mkdtemp(prefix="pccnet-colorize-")
             self._server = start_server(self._tmp, bind="tcp://127.0.0.1:0", durability="none")
@@ -115,9 +122,9 @@ class Colorizer:
         if "capacity" not in info:
             raise ValueError(f"memory {self.memory_name!r} does not exist on {endpoint} "
                              f"(it holds {info.get('memories')})")
-        if info["key_dim"] != self.cfg.model.extractor_dim or info["value_dim"] != NUM_BINS:
+        if info["key_dim"] != self.extractor_dim or info["value_dim"] != NUM_BINS:
             raise ValueError(f"memory {self.memory_name!r} has key_dim {info['key_dim']} and value_dim "
-                             f"{info['value_dim']}; this checkpoint needs {self.cfg.model.extractor_dim} and {NUM_BINS}")
+                             f"{info['value_dim']}; this checkpoint needs {self.extractor_dim} and {NUM_BINS}")
         self.capacity = int(info["capacity"])
 
     @torch.no_grad()
@@ -128,13 +135,14 @@ class Colorizer:
         return self.retrieve(light)
 
     @torch.no_grad()
-    def retrieve(self, light: Tensor) -> Tensor:
-        """The memory's answer for network-scaled light [B,1,S,S]: the colour distribution [B,313]."""
+    def retrieve(self, light: Tensor, return_slots: bool = False):
+        """The memory's answer for network-scaled light [B,1,S,S]: the colour distribution [B,313]
+        (and the slot ids [B] it came from with return_slots)."""
         if self.client is None:
             raise ValueError(f"checkpoint {self.path}: no memory is open (pass need_memory=True)")
-        c, _ = retrieve_color_feature(self.extractor, light.to(self.device), self.client, name=self.memory_name,
-                                      k=min(16, self.capacity))
-        return c
+        c, slots = retrieve_color_feature(self.extractor, light.to(self.device), self.client, name=self.memory_name,
+                                          k=min(16, self.capacity), capacity=self.capacity)
+        return (c, slots) if return_slots else c
 
     @torch.no_grad()
     def predict_ab(self, light: Tensor, color_feature: Tensor | None = None) -> Tensor:

@@ -152,17 +152,33 @@ def gan_step(ctx: StepContext, gen: nn.Module, disc: nn.Module, opt_g: torch.opt
 
 @torch.no_grad()
 def retrieve_color_feature(extractor: nn.Module, light: Tensor, memory, name: str | None = None,
-                           k: int = 16) -> tuple[Tensor, np.ndarray]:
+                           k: int = 16, capacity: int | None = None) -> tuple[Tensor, np.ndarray]:
     """Test-time retrieval (METHOD.md 3.4): the value of the most similar slot written by a client.
 
     Slots never written still hold their random initial keys and uniform values; among the top-k we
-    take the first with an item id, falling back to the plain top-1 when none of them has one.
+    take the first with an item id. Queries whose top-k holds none are asked again with 4x the k (up
+    to `capacity`): a sparsely written memory would otherwise answer them with a uniform value.
     """
     query = extractor(light).float().cpu().numpy()
     reply = memory.query(query, k=k, fields=("values", "item_ids"), memory=name)
-    item_ids = reply["item_ids"]  # [B, k]
-    written = item_ids >= 0
-    pick = np.where(written.any(1), written.argmax(1), 0)
-    rows = np.arange(query.shape[0])
-    values = reply["values"][rows, pick]  # [B, 313]
-    return torch.from_numpy(values).to(light.device), reply["slots"][rows, pick]
+    values, slots = _first_written(reply)
+    missing = np.flatnonzero(slots < 0)
+    while missing.size and capacity is not None and k < capacity:
+        k = min(4 * k, capacity)
+        again = memory.query(query[missing], k=k, fields=("values", "item_ids"), memory=name)
+        values[missing], slots[missing] = _first_written(again)
+        missing = missing[slots[missing] < 0]
+    fallback = np.flatnonzero(slots < 0)  # nothing written anywhere in reach: the plain top-1
+    if fallback.size:
+        values[fallback], slots[fallback] = reply["values"][fallback, 0], reply["slots"][fallback, 0]
+    return torch.from_numpy(values).to(light.device), slots
+
+
+def _first_written(reply: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Per query, the value and slot of the best-ranked written slot; slot -1 where none is written."""
+    written = reply["item_ids"] >= 0  # [B, k]
+    pick = written.argmax(1)
+    rows = np.arange(written.shape[0])
+    values = reply["values"][rows, pick].copy()
+    slots = np.where(written.any(1), reply["slots"][rows, pick], -1)
+    return values, slots

@@ -1,0 +1,60 @@
+"""Test-time retrieval against a real in-process memory: only written slots answer."""
+
+import numpy as np
+import torch
+from torch import nn
+
+from memory_server.local import InProcessMemory
+from pccnet.color import NUM_BINS
+from trainer.step import retrieve_color_feature
+
+
+class FixedQuery(nn.Module):
+    """Stands in for the extractor: retrieval only needs a query per image, not a trained network."""
+
+    def __init__(self, q: np.ndarray) -> None:
+        super().__init__()
+        self.q = torch.from_numpy(q)
+
+    def forward(self, light: torch.Tensor) -> torch.Tensor:
+        return self.q[: light.shape[0]]
+
+
+def _memory_with_one_far_written_slot(capacity: int = 64, dim: int = 8):
+    mem = InProcessMemory(capacity=capacity, key_dim=dim, value_dim=NUM_BINS, seed=0, backend="torch")
+    q = np.random.default_rng(1).normal(size=(2, dim)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    value = np.full((1, NUM_BINS), 1e-6, np.float32)
+    value[0, 7] = 1.0
+    # The written key points away from both queries: it ranks last, behind every random unwritten key.
+    far = -(q[0] + q[1])[None]
+    mem.put(np.array([5]), far, value, item_ids=np.array([42]))
+    return mem, q, value / value.sum()
+
+
+def test_a_sparse_memory_is_searched_deeper_until_a_written_slot_answers():
+    mem, q, value = _memory_with_one_far_written_slot()
+    light = torch.zeros(2, 1, 16, 16)
+    c, slots = retrieve_color_feature(FixedQuery(q), light, mem, k=4, capacity=64)
+    assert slots.tolist() == [5, 5]
+    np.testing.assert_allclose(c.numpy(), np.repeat(value, 2, 0), atol=1e-6)
+
+
+def test_without_a_capacity_the_plain_top1_is_the_fallback():
+    mem, q, _ = _memory_with_one_far_written_slot()
+    c, slots = retrieve_color_feature(FixedQuery(q), torch.zeros(2, 1, 16, 16), mem, k=4)
+    assert 5 not in slots.tolist()
+    # Unwritten slots hold the uniform distribution.
+    np.testing.assert_allclose(c.numpy(), np.full((2, NUM_BINS), 1.0 / NUM_BINS), atol=1e-6)
+
+
+def test_the_best_written_slot_wins_when_several_are_written():
+    mem = InProcessMemory(capacity=16, key_dim=4, value_dim=NUM_BINS, seed=0, backend="torch")
+    keys = np.eye(4, dtype=np.float32)[:3]
+    values = np.full((3, NUM_BINS), 1e-6, np.float32)
+    values[np.arange(3), [10, 20, 30]] = 1.0
+    mem.put(np.array([1, 2, 3]), keys, values, item_ids=np.array([0, 1, 2]))
+    q = np.array([[0.1, 0.9, 0.2, 0.0]], np.float32)
+    q /= np.linalg.norm(q)
+    c, slots = retrieve_color_feature(FixedQuery(q), torch.zeros(1, 1, 16, 16), mem, k=16, capacity=16)
+    assert slots.tolist() == [2] and int(c.argmax()) == 20
