@@ -23,9 +23,14 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("entry")
     shards = write_tiny_shards(root / "shards")
     out = root / "run"
-    cfg = write_config(root / "c.yaml", shards, out, phase1__steps=4, phase2__steps=3, run__checkpoint_every=100)
+    cfg = write_config(root / "c.yaml", shards, out, phase1__steps=4, phase2__steps=3, run__checkpoint_every=100,
+                       data__val=shards)
     res = run_cmd([PYTHON, "launch/train.py", "--config", str(cfg)])
     assert res.returncode == 0, res.stdout[-4000:]
+    # End of phase 1: retrieval accuracy on data.val, measured the way test time retrieves.
+    rows = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
+    acc = [r["val/retrieval_acc"] for r in rows if "val/retrieval_acc" in r]
+    assert len(acc) == 1 and 0.0 <= acc[0] <= 1.0
     return out, shards
 
 
