@@ -23,7 +23,9 @@ SMALL_SET = 200
 
 
 def markdown_table(result: dict) -> str:
-    rows = [("images", f"{result['n_images']}"), ("FID", f"{result['fid']:.3f}"),
+    spread = result.get("fid_bootstrap_std")
+    fid = f"{result['fid']:.3f}" + (f" ± {spread:.3f} (bootstrap std)" if spread is not None else "")
+    rows = [("images", f"{result['n_images']}"), ("FID", fid),
             ("LPIPS", f"{result['lpips']:.4f}"), ("PSNR (dB)", f"{result['psnr']:.3f}"),
             ("colourfulness", f"{result['colorfulness']:.3f}"),
             ("colourfulness (ground truth)", f"{result['colorfulness_real']:.3f}")]
@@ -49,9 +51,13 @@ def main(argv: list[str] | None = None) -> int:
                              "memory's answer (a perfect memory: the upper bound retrieval could reach)")
     parser.add_argument("--retrieval", action="store_true",
                         help="score the colour memory instead: KL of the retrieved distribution to each image's own")
+    parser.add_argument("--bootstrap", type=int, default=100, metavar="N",
+                        help="resample the test images N times for the spread of FID (0: off; default 100)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when present)")
     args = parser.parse_args(argv)
+    if args.bootstrap < 0:
+        parser.error(f"--bootstrap must be >= 0, got {args.bootstrap}")
 
     import torch
     from tqdm import tqdm
@@ -112,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         import numpy as np
 
-        fid = metrics.fid_from_features(np.concatenate(preds), np.concatenate(reals))
+        preds, reals = np.concatenate(preds), np.concatenate(reals)
+        fid = metrics.fid_from_features(preds, reals)
+        boot = bootstrap_fid(preds, reals, args.bootstrap)
         result = {
             "fid": fid,
             "lpips": float(torch.cat(lp).mean()),
@@ -120,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
             "colorfulness": float(torch.cat(colorful).mean()),
             "colorfulness_real": float(torch.cat(colorful_real).mean()),
             "n_images": n,
+            # Standard deviation of FID over resamplings of the test images: how far apart two rows
+            # must be before the order means anything.
+            "fid_bootstrap_std": float(np.std(boot)) if boot else None,
+            "fid_bootstrap_n": len(boot),
             "small_set": n < SMALL_SET,
             "image_size": col.image_size,
             "background": col.background,
@@ -132,6 +144,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         col.close()
     return write_result(result, Path(args.output), markdown_table(result))
+
+
+def bootstrap_fid(preds, reals, n_resamples: int, seed: int = 0) -> list[float]:
+    """FID of n_resamples resamplings (with replacement) of the test images; pairs stay together."""
+    import numpy as np
+
+    from pccnet import metrics
+
+    if n_resamples < 0:
+        raise ValueError(f"--bootstrap must be >= 0, got {n_resamples}")
+    rng = np.random.default_rng(seed)
+    n = preds.shape[0]
+    return [metrics.fid_from_features(preds[idx], reals[idx])
+            for idx in (rng.integers(0, n, n) for _ in range(n_resamples))]
 
 
 def write_result(result: dict, out: Path, table: str) -> int:

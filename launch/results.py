@@ -164,8 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         # Rows that retrieve are scored with the shared phase-1 memory: phase 2 never reads the memory, so
         # a row trained before delta_1 was recalibrated is re-scored, not retrained, when phase 1 changes.
         retrieves = row in ("full", "no_pc", "no_ic")
-        if eval_json.is_file() and retrieves and json.loads(eval_json.read_text()).get("memory_from") != str(phase1):
-            eval_json.unlink()
+        if eval_json.is_file():
+            old = json.loads(eval_json.read_text())
+            # Scored with another memory, or before FID carried its bootstrap spread: score again.
+            if (retrieves and old.get("memory_from") != str(phase1)) or old.get("fid_bootstrap_std") is None:
+                eval_json.unlink()
         if not eval_json.is_file():
             source = root / ("full" if row in EVAL_ONLY else row)
             extra = EVAL_ONLY.get(row, []) + (["--memory-from", str(phase1)] if retrieves else [])
@@ -182,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{cfg.data.batch_size}")
     print("| method | FID (n) | LPIPS | PSNR | colourfulness |\n| --- | --- | --- | --- | --- |")
     for r in results.values():
-        print(f"| {r['label']} | {r['fid']:.2f} ({r['n_images']}) | {r['lpips']:.4f} | {r['psnr']:.2f} | "
+        spread = f" ± {r['fid_bootstrap_std']:.1f}" if r.get("fid_bootstrap_std") is not None else ""
+        print(f"| {r['label']} | {r['fid']:.2f}{spread} ({r['n_images']}) | {r['lpips']:.4f} | {r['psnr']:.2f} | "
               f"{r['colorfulness']:.2f} |")
     return 0
 
