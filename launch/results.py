@@ -35,6 +35,7 @@ ROWS = {
 }
 # evaluate.py arguments of the rows that are evaluated from the full model rather than trained.
 EVAL_ONLY = {"gray": ["--baseline", "gray"], "oracle": ["--color-feature", "own"]}
+RETRIEVING_ROWS = ("full", "no_pc", "no_ic")
 BACKBONES = ("alexnet-imagenet", "vgg16-imagenet", "resnet18-scratch")
 
 
@@ -79,11 +80,17 @@ def sample_sheet(cfg, root: Path, out: Path, n_images: int) -> int:
     light, real_ab = batch["light"][:n_images], batch["ab"][:n_images]
     short = {"full": "PCCNet", "no_memory": "w/o M", "no_pc": "w/o L_PC", "no_ic": "w/o L_IC", "pix2pix": "cGAN+L1"}
     columns = [("gray input", gray_rgb(light))]
+    phase1 = latest_checkpoint(root / phase1_name(cfg, cfg.model.extractor))
     for row, (_, overrides) in ROWS.items():
         if overrides is None or latest_checkpoint(root / row) is None:
             continue
-        with Colorizer(root / row, device="cpu") as col:
+        # As in the tables: rows that retrieve use the shared phase-1 memory.
+        memory_from = phase1 if row in RETRIEVING_ROWS else None
+        with Colorizer(root / row, device="cpu", memory_from=memory_from) as col:
             columns.append((short[row], lab_to_rgb(lab_from_network(light, col.predict_ab(light)))))
+            if row == "full":
+                own = col.predict_ab(light, batch["color_feature"][:n_images])
+                columns.append(("PCCNet, own c", lab_to_rgb(lab_from_network(light, own))))
     columns.append(("ground truth", lab_to_rgb(lab_from_network(light, real_ab))))
     size, pad, head = light.shape[-1] * 2, 4, 28
     sheet = Image.new("RGB", (len(columns) * (size + pad) + pad, head + n_images * (size + pad)), "white")
@@ -97,7 +104,7 @@ def sample_sheet(cfg, root: Path, out: Path, n_images: int) -> int:
             sheet.paste(img, (x, head + i * (size + pad)))
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out)
-    print(f"written {out} ({len(columns) - 2} trained rows, {n_images} test images)")
+    print(f"written {out} ({len(columns) - 2} colorized columns, {n_images} test images)")
     return 0
 
 
@@ -163,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                      *args.overrides, *overrides], log)
         # Rows that retrieve are scored with the shared phase-1 memory: phase 2 never reads the memory, so
         # a row trained before delta_1 was recalibrated is re-scored, not retrained, when phase 1 changes.
-        retrieves = row in ("full", "no_pc", "no_ic")
+        retrieves = row in RETRIEVING_ROWS
         if eval_json.is_file():
             old = json.loads(eval_json.read_text())
             # Scored with another memory, or before FID carried its bootstrap spread: score again.
