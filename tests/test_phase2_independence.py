@@ -35,3 +35,18 @@ def test_phase2_weights_do_not_depend_on_the_phase1_memory(tmp_path):
         assert a.keys() == b.keys()
         for name in a:
             assert torch.equal(a[name], b[name]), f"{net}.{name} depends on the phase-1 memory"
+
+
+def test_a_collapsed_memory_is_reported(tmp_path):
+    """With a threshold no pair exceeds, every update is a hit and nothing is written: say so."""
+    shards = write_tiny_shards(tmp_path / "shards")
+    cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "run", phase1__steps=4, phase1__threshold=100.0,
+                       phase2__steps=0, run__checkpoint_every=4)
+    res = run_cmd([PYTHON, "launch/train.py", "--config", str(cfg)])
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert "phase1.threshold 100 is probably too loose" in res.stdout
+    cfg = write_config(tmp_path / "d.yaml", shards, tmp_path / "run2", phase1__steps=4, phase1__threshold=0.0,
+                       phase2__steps=0, run__checkpoint_every=4)
+    res = run_cmd([PYTHON, "launch/train.py", "--config", str(cfg)])
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert "too loose" not in res.stdout

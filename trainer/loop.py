@@ -233,6 +233,8 @@ class Runner:
                 self._log_row(done, {"val/retrieval_acc": self.retrieval_accuracy()})
             if done == cfg.phase1.steps and cfg.data.val:
                 self._log_row(done, {"val/retrieval_acc": self.retrieval_accuracy()})
+            if done == cfg.phase1.steps and self.main:
+                self._warn_if_collapsed(images_seen=done * cfg.data.batch_size * self.world)
             if phase == 2 and self.main and done % cfg.run.sample_every == 0:
                 self._save_samples(done)
             if done % cfg.run.checkpoint_every == 0 or done == self.total_steps:
@@ -272,6 +274,15 @@ class Runner:
         if self.main:
             self.jsonl.write(dict(row, step=done))
             log.info("step %d: %s", done, ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
+
+    def _warn_if_collapsed(self, images_seen: int) -> None:
+        """A threshold too loose for the data makes every update a hit on one drifting slot (docs/RESULTS.md)."""
+        info = self.memory.info()
+        filled, capacity = int(info.get("filled", 0)), int(info.get("capacity", 0))
+        if filled < 0.1 * min(capacity, images_seen):
+            log.warning("phase 1 wrote only %d of %d memory slots after %d images: phase1.threshold %g is "
+                        "probably too loose for this data (nearly every update is a hit); see "
+                        "launch/calibrate_threshold.py", filled, capacity, images_seen, self.cfg.phase1.threshold)
 
     @torch.no_grad()
     def retrieval_accuracy(self) -> float:
