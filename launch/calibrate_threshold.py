@@ -3,7 +3,7 @@
     python launch/calibrate_threshold.py --config configs/pokemon_every10_cpu.yaml [--positive-rate 0.15]
 
 METHOD.md 3.2: a threshold that makes 10-20 % of (query, neighbour) pairs positive. Too loose a
-threshold (Pokemon on white at 1.5 nats: 53 % of random pairs) turns every update into a hit on the
+threshold (Pokemon on white at 1.5 nats: 54 % of random pairs) turns every update into a hit on the
 top-1 slot, whose key drifts to the mean of all queries; that one slot then answers every test image.
 Prints the quantiles of KL(v_j || v_i) over pairs of training images and the threshold for the rate.
 """
