@@ -44,7 +44,7 @@ def test_a_collapsed_memory_is_reported(tmp_path):
                        phase2__steps=0, run__checkpoint_every=4)
     res = run_cmd([PYTHON, "launch/train.py", "--config", str(cfg)])
     assert res.returncode == 0, res.stdout[-3000:]
-    assert "phase1.threshold 100 is probably too loose" in res.stdout
+    assert "phase1.threshold 100 is probably too loose" in res.stdout and "memory collapsed" in res.stdout
     cfg = write_config(tmp_path / "d.yaml", shards, tmp_path / "run2", phase1__steps=4, phase1__threshold=0.0,
                        phase2__steps=0, run__checkpoint_every=4)
     res = run_cmd([PYTHON, "launch/train.py", "--config", str(cfg)])

@@ -148,7 +148,7 @@ class Runner:
                      info.get("capacity"), info.get("filled"), info.get("backend"))
         acc.wait_for_everyone()
         self.loader = make_train_loader(cfg.data, self.rank, self.world, cfg.run.seed + 7919 * self.start_step)
-        self.phase1_items: set[int] = set()  # distinct item ids of phase 1, for the collapse warning
+        self.phase1_probe: list[torch.Tensor] = []  # a few phase-1 images, for the collapse check
         if self.main:
             self.jsonl = JsonlWriter(self.out_dir / "stats.jsonl")
         self.ctx = StepContext(accelerator=acc, loss=cfg.loss, phase1=cfg.phase1, use_memory=cfg.model.use_memory,
@@ -206,7 +206,8 @@ class Runner:
             t_data = time.perf_counter() - t0
             if phase == 1:
                 scalars, timings = memory_step(self.ctx, self.extractor, self.opt_m, batch, self.memory, step)
-                self.phase1_items.update(batch["item_id"].tolist())
+                if self.main and sum(x.shape[0] for x in self.phase1_probe) < 32:
+                    self.phase1_probe.append(batch["light"][:8].detach().cpu())
             else:
                 scalars, timings = gan_step(self.ctx, self.gen, self.disc, self.opt_g, self.opt_d, batch,
                                             self.patch_rng)
@@ -236,7 +237,7 @@ class Runner:
             if done == cfg.phase1.steps and cfg.data.val:
                 self._log_row(done, {"val/retrieval_acc": self.retrieval_accuracy()})
             if done == cfg.phase1.steps and self.main:
-                self._warn_if_collapsed(distinct_images=len(self.phase1_items))
+                self._warn_if_collapsed()
             if phase == 2 and self.main and done % cfg.run.sample_every == 0:
                 self._save_samples(done)
             if done % cfg.run.checkpoint_every == 0 or done == self.total_steps:
@@ -277,18 +278,30 @@ class Runner:
             self.jsonl.write(dict(row, step=done))
             log.info("step %d: %s", done, ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
 
-    def _warn_if_collapsed(self, distinct_images: int) -> None:
-        """A threshold too loose for the data makes every update a hit on one drifting slot (docs/RESULTS.md).
-
-        `distinct_images`: those rank 0 saw in this run's phase 1 (a lower bound on all ranks').
-        """
+    @torch.no_grad()
+    def _warn_if_collapsed(self) -> None:
+        """A threshold too loose for the data makes every update a hit on one slot whose key drifts to the
+        mean of all queries; then that slot answers everything (docs/RESULTS.md). Checked on up to 32
+        phase-1 images: nothing written, or one slot answering all of them, is reported."""
+        if not self.phase1_probe:
+            return
+        probe = torch.cat(self.phase1_probe)
         info = self.memory.info()
         filled, capacity = int(info.get("filled", 0)), int(info.get("capacity", 0))
-        if filled < 0.1 * min(capacity, distinct_images):
-            log.warning("phase 1 wrote only %d of %d memory slots for %d distinct images: phase1.threshold %g is "
-                        "probably too loose for this data (nearly every update is a hit); see "
-                        "launch/calibrate_threshold.py", filled, capacity, distinct_images,
-                        self.cfg.phase1.threshold)
+        slots = np.array([], dtype=np.int64)
+        if filled:
+            extractor = self.acc.unwrap_model(self.extractor)
+            was_training = extractor.training
+            extractor.eval()
+            _, slots = retrieve_color_feature(extractor, probe.to(self.acc.device), self.memory,
+                                              k=min(16, capacity), capacity=capacity)
+            extractor.train(was_training)
+        answers = len(np.unique(slots))
+        if filled == 0 or (probe.shape[0] >= 8 and answers == 1):
+            log.warning("the phase-1 memory collapsed: %d of %d slots written, %d slot(s) answer %d training "
+                        "images; phase1.threshold %g is probably too loose for this data (nearly every update "
+                        "is a hit); see launch/calibrate_threshold.py", filled, capacity, answers,
+                        probe.shape[0], self.cfg.phase1.threshold)
 
     @torch.no_grad()
     def retrieval_accuracy(self) -> float:
