@@ -293,7 +293,8 @@ class Runner:
             extractor = self.acc.unwrap_model(self.extractor)
             was_training = extractor.training
             extractor.eval()
-            _, slots = retrieve_color_feature(extractor, probe.to(self.acc.device), self.memory,
+            # On the bare client: run_summary's per-rank counts stay those of training.
+            _, slots = retrieve_color_feature(extractor, probe.to(self.acc.device), self.memory.client,
                                               k=min(16, capacity), capacity=capacity)
             extractor.train(was_training)
         answers = len(np.unique(slots))
