@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from tqdm import tqdm
 
+    from pccnet.color import NUM_BINS
     from pccnet.losses import kl_divergence
     from trainer.config import ConfigError, load_config
     from trainer.data import DataError, make_eval_loader
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    v = torch.cat(feats) if feats else torch.zeros(0, 313, dtype=torch.float64)
+    v = torch.cat(feats) if feats else torch.zeros(0, NUM_BINS, dtype=torch.float64)
     if v.shape[0] < 2:
         print(f"error: {cfg.data.train} holds {v.shape[0]} image(s); pairs need at least 2", file=sys.stderr)
         return 2

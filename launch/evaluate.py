@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.bootstrap < 0:
         parser.error(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    if args.color_feature == "own" and args.baseline == "gray":
+        parser.error("--color-feature own has no effect with --baseline gray")
 
     import torch
     from tqdm import tqdm
@@ -67,8 +69,6 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.data import DataError, make_eval_loader
     from trainer.inference import USER_ERRORS, Colorizer
 
-    if args.color_feature == "own" and args.baseline == "gray":
-        parser.error("--color-feature own has no effect with --baseline gray")
     try:
         col = Colorizer(args.checkpoint, device=args.device, memory=args.memory, memory_name=args.memory_name,
                         need_memory=args.retrieval, memory_from=args.memory_from)
@@ -152,8 +152,6 @@ def bootstrap_fid(preds, reals, n_resamples: int, seed: int = 0) -> list[float]:
 
     from pccnet import metrics
 
-    if n_resamples < 0:
-        raise ValueError(f"--bootstrap must be >= 0, got {n_resamples}")
     rng = np.random.default_rng(seed)
     n = preds.shape[0]
     return [metrics.fid_from_features(preds[idx], reals[idx])

@@ -143,11 +143,13 @@ def main(argv: list[str] | None = None) -> int:
             table[backbone] = json.loads(out.read_text())
         (root / "backbones.json").write_text(json.dumps(table, indent=2) + "\n")
         accs = sorted({k for r in table.values() for k in r if k.startswith("acc@")}, key=lambda k: float(k[4:]))
-        print("\n| backbone | KL(retrieved, own) | chance | oracle | " + " | ".join(accs) + " | written slots | distinct answers |")
+        print("\n| backbone | KL(retrieved, own) | chance | oracle | " + " | ".join(accs)
+              + " | written slots | distinct answers |")
         print("| --- " * (6 + len(accs)) + "|")
         for k, r in table.items():
             print(f"| {k} | {r['retrieval_kl']:.3f} | {r['chance_kl']:.3f} | {r['oracle_kl']:.3f} | "
-                  + " | ".join(f"{r[a]:.3f}" for a in accs) + f" | {r['written_slots']} | {r.get('distinct_answers', '?')} |")
+                  + " | ".join(f"{r[a]:.3f}" for a in accs)
+                  + f" | {r['written_slots']} | {r.get('distinct_answers', '?')} |")
         return 0
 
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]

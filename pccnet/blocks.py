@@ -146,4 +146,3 @@ def standardize_color_feature(color_feature: Tensor) -> Tensor:
     centred = c - c.mean(dim=-1, keepdim=True)
     var = centred.square().mean(dim=-1, keepdim=True)
     return (centred / torch.sqrt(var + 1e-2 / k**2)).to(color_feature.dtype)
-

@@ -106,11 +106,13 @@ def test_resume_differences_classify_keys():
     assert diff["other"] == ["loss.smooth"]
 
 
-@pytest.mark.parametrize("path", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")
-                                        if p.name != "accelerate_ddp.yaml"))
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name != "accelerate_ddp.yaml"))
 def test_every_shipped_config_loads(path):
     """Every config in configs/ (except accelerate's own) is a valid training config."""
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / path)
+    cfg = load_config(CONFIGS / path)
     assert cfg.data.image_size in (32, 64, 128, 256) and cfg.phase1.threshold > 0
     if path.endswith("_gpu.yaml"):
         assert cfg.data.image_size == 256 and cfg.model.width == 64  # the paper's scale

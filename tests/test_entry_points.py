@@ -112,7 +112,7 @@ def test_memorize_then_colorize_with_the_named_memory(trained, photos, tmp_path)
 def test_evaluate_retrieval_scores_the_memory(trained, tmp_path):
     run, shards = trained
     out = tmp_path / "retrieval.json"
-    res = run_cmd([PYTHON, "launch/evaluate.py", "--bootstrap", "5", "--checkpoint", str(run), "--data", shards, "--output", str(out),
+    res = run_cmd([PYTHON, "launch/evaluate.py", "--checkpoint", str(run), "--data", shards, "--output", str(out),
                    "--retrieval"])
     assert res.returncode == 0, res.stdout[-3000:]
     r = json.loads(out.read_text())
@@ -125,7 +125,8 @@ def test_evaluate_retrieval_scores_the_memory(trained, tmp_path):
 def test_evaluate_writes_every_metric(trained, tmp_path):
     run, shards = trained
     out = tmp_path / "eval.json"
-    res = run_cmd([PYTHON, "launch/evaluate.py", "--bootstrap", "5", "--checkpoint", str(run), "--data", shards, "--output", str(out)])
+    res = run_cmd([PYTHON, "launch/evaluate.py", "--checkpoint", str(run), "--data", shards, "--output", str(out),
+                   "--bootstrap", "5"])
     assert res.returncode == 0, res.stdout[-3000:]
     result = json.loads(out.read_text())
     assert result["n_images"] == 16 and result["small_set"] is True
@@ -137,8 +138,8 @@ def test_evaluate_writes_every_metric(trained, tmp_path):
                    "--bootstrap", "-1"])
     assert res.returncode == 2 and "-1" in res.stdout
     gray = tmp_path / "gray.json"
-    res = run_cmd([PYTHON, "launch/evaluate.py", "--bootstrap", "5", "--checkpoint", str(run), "--data", shards, "--output", str(gray),
-                   "--baseline", "gray"])
+    res = run_cmd([PYTHON, "launch/evaluate.py", "--checkpoint", str(run), "--data", shards, "--output", str(gray),
+                   "--bootstrap", "5", "--baseline", "gray"])
     assert res.returncode == 0, res.stdout[-3000:]
     gray_result = json.loads(gray.read_text())
     assert gray_result["colorfulness"] < 0.5 < gray_result["colorfulness_real"]
@@ -148,13 +149,13 @@ def test_evaluate_writes_every_metric(trained, tmp_path):
 def test_evaluate_with_each_image_own_colour_feature(trained, tmp_path):
     run, shards = trained
     out = tmp_path / "own.json"
-    res = run_cmd([PYTHON, "launch/evaluate.py", "--bootstrap", "5", "--checkpoint", str(run), "--data", shards, "--output", str(out),
-                   "--color-feature", "own"])
+    res = run_cmd([PYTHON, "launch/evaluate.py", "--checkpoint", str(run), "--data", shards, "--output", str(out),
+                   "--bootstrap", "5", "--color-feature", "own"])
     assert res.returncode == 0, res.stdout[-3000:]
     result = json.loads(out.read_text())
     assert result["color_feature"] == "own" and result["n_images"] == 16 and np.isfinite(result["fid"])
-    res = run_cmd([PYTHON, "launch/evaluate.py", "--bootstrap", "5", "--checkpoint", str(run), "--data", shards, "--output", str(out),
-                   "--color-feature", "own", "--baseline", "gray"])
+    res = run_cmd([PYTHON, "launch/evaluate.py", "--checkpoint", str(run), "--data", shards, "--output", str(out),
+                   "--bootstrap", "5", "--color-feature", "own", "--baseline", "gray"])
     assert res.returncode == 2 and "--color-feature own" in res.stdout
 
 
@@ -181,13 +182,13 @@ def test_evaluate_with_the_memory_of_another_checkpoint(trained, tmp_path):
 
     ckpt = list_checkpoints(run)[-1]
     out = tmp_path / "other.json"
-    res = run_cmd([PYTHON, "launch/evaluate.py", "--bootstrap", "5", "--checkpoint", str(run), "--data", shards, "--output", str(out),
-                   "--memory-from", str(ckpt)])
+    res = run_cmd([PYTHON, "launch/evaluate.py", "--checkpoint", str(run), "--data", shards, "--output", str(out),
+                   "--bootstrap", "5", "--memory-from", str(ckpt)])
     assert res.returncode == 0, res.stdout[-3000:]
     assert json.loads(out.read_text())["memory_from"] == str(ckpt)
     missing = tmp_path / "no-such-checkpoint"
-    res = run_cmd([PYTHON, "launch/evaluate.py", "--bootstrap", "5", "--checkpoint", str(run), "--data", shards, "--output", str(out),
-                   "--memory-from", str(missing)])
+    res = run_cmd([PYTHON, "launch/evaluate.py", "--checkpoint", str(run), "--data", shards, "--output", str(out),
+                   "--bootstrap", "5", "--memory-from", str(missing)])
     assert res.returncode == 2 and str(missing) in res.stdout
 
 

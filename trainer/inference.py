@@ -141,7 +141,7 @@ class Colorizer:
         if self.client is None:
             raise ValueError(f"checkpoint {self.path}: no memory is open (pass need_memory=True)")
         c, slots = retrieve_color_feature(self.extractor, light.to(self.device), self.client, name=self.memory_name,
-                                          k=min(16, self.capacity), capacity=self.capacity)
+                                          capacity=self.capacity)
         return (c, slots) if return_slots else c
 
     @torch.no_grad()

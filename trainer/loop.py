@@ -279,6 +279,17 @@ class Runner:
             log.info("step %d: %s", done, ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
 
     @torch.no_grad()
+    def _retrieve(self, light: torch.Tensor, memory) -> tuple[torch.Tensor, np.ndarray]:
+        """Test-time retrieval with the unwrapped extractor in eval mode (training mode restored)."""
+        extractor = self.acc.unwrap_model(self.extractor)
+        was_training = extractor.training
+        extractor.eval()
+        try:
+            return retrieve_color_feature(extractor, light.to(self.acc.device), memory,
+                                          capacity=self.cfg.memory.capacity)
+        finally:
+            extractor.train(was_training)
+
     def _warn_if_collapsed(self) -> None:
         """A threshold too loose for the data makes every update a hit on one slot whose key drifts to the
         mean of all queries; then that slot answers everything (docs/RESULTS.md). Checked on up to 32
@@ -288,16 +299,8 @@ class Runner:
         probe = torch.cat(self.phase1_probe)
         info = self.memory.info()
         filled, capacity = int(info.get("filled", 0)), int(info.get("capacity", 0))
-        slots = np.array([], dtype=np.int64)
-        if filled:
-            extractor = self.acc.unwrap_model(self.extractor)
-            was_training = extractor.training
-            extractor.eval()
-            # On the bare client: run_summary's per-rank counts stay those of training.
-            _, slots = retrieve_color_feature(extractor, probe.to(self.acc.device), self.memory.client,
-                                              k=min(16, capacity), capacity=capacity)
-            extractor.train(was_training)
-        answers = len(np.unique(slots))
+        # On the bare client: run_summary's per-rank counts stay those of training.
+        answers = len(np.unique(self._retrieve(probe, self.memory.client)[1])) if filled else 0
         if filled == 0 or (probe.shape[0] >= 8 and answers == 1):
             log.warning("the phase-1 memory collapsed: %d of %d slots written, %d slot(s) answer %d training "
                         "images; phase1.threshold %g is probably too loose for this data (nearly every update "
@@ -307,18 +310,12 @@ class Runner:
     @torch.no_grad()
     def retrieval_accuracy(self) -> float:
         """Share of data.val images whose retrieved value (as at test time) is within the KL threshold of their own."""
-        extractor = self.acc.unwrap_model(self.extractor)
-        was_training = extractor.training
-        extractor.eval()
         hits = total = 0
         for batch in make_eval_loader(self.cfg.data.val, self.cfg.data, self.rank, self.world):
-            light = batch["light"].to(self.acc.device)
-            c, _ = retrieve_color_feature(extractor, light, self.memory, k=min(16, self.cfg.memory.capacity),
-                                          capacity=self.cfg.memory.capacity)
+            c, _ = self._retrieve(batch["light"], self.memory)
             kl = kl_divergence(c.cpu().double(), batch["color_feature"].double())
             hits += int((kl < self.cfg.phase1.threshold).sum())
-            total += light.shape[0]
-        extractor.train(was_training)
+            total += c.shape[0]
         if self.world > 1:
             parts = gather_object([(hits, total)])
             hits, total = sum(p[0] for p in parts), sum(p[1] for p in parts)

@@ -152,13 +152,15 @@ def gan_step(ctx: StepContext, gen: nn.Module, disc: nn.Module, opt_g: torch.opt
 
 @torch.no_grad()
 def retrieve_color_feature(extractor: nn.Module, light: Tensor, memory, name: str | None = None,
-                           k: int = 16, capacity: int | None = None) -> tuple[Tensor, np.ndarray]:
+                           capacity: int | None = None, k: int = 16) -> tuple[Tensor, np.ndarray]:
     """Test-time retrieval (METHOD.md 3.4): the value of the most similar slot written by a client.
 
     Slots never written still hold their random initial keys and uniform values; among the top-k we
     take the first with an item id. Queries whose top-k holds none are asked again with 4x the k (up
     to `capacity`): a sparsely written memory would otherwise answer them with a uniform value.
     """
+    if capacity is not None:
+        k = min(k, capacity)
     query = extractor(light).float().cpu().numpy()
     reply = memory.query(query, k=k, fields=("values", "item_ids"), memory=name)
     values, slots = _first_written(reply)
