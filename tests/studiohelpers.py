@@ -1,0 +1,128 @@
+"""Pieces shared by the studio and pack tests: a tiny checkpoint, photos, a studio process.
+
+The checkpoint is written by the trainer's own save_checkpoint from the trainer's model builders at the
+debug config's sizes, but not trained (training is tested elsewhere; what these tests check does not
+depend on its quality). Its AdaIN head is drawn at random instead of zero, so the colour feature
+visibly changes the output from the start, as it does in a trained model; its memory holds 8 written
+slots with the colour distributions of 8 random images.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+
+def blocky_image(rng: np.random.Generator, size: tuple[int, int] = (48, 40), cells: int = 4) -> Image.Image:
+    """A smooth random colour image (w, h)."""
+    small = rng.integers(0, 256, (cells, cells, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize(size, Image.BILINEAR)
+
+
+def tint_image(rgb: tuple[int, int, int], rng: np.random.Generator, size: tuple[int, int] = (40, 40)) -> Image.Image:
+    """A photo dominated by one colour, with some texture (exemplars whose colour distributions differ)."""
+    base = np.asarray(rgb, np.float32)[None, None] * rng.uniform(0.6, 1.0, (size[1], size[0], 1))
+    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+
+
+def make_checkpoint(out_dir: Path, seed: int = 0, image_size: int = 32) -> Path:
+    """A run folder with one checkpoint of debug-sized, untrained models (see the module docstring)."""
+    from pccnet.color import NUM_BINS
+    from trainer.checkpoint import save_checkpoint
+    from trainer.config import load_config
+    from trainer.images import image_to_sample
+    from trainer.models import build_discriminator, build_extractor, build_generator, trainable_state
+
+    cfg = load_config(REPO / "configs" / "debug_cpu.yaml",
+                      [f"run.out_dir={out_dir}", f"data.image_size={image_size}", "memory.capacity=32"])
+    torch.manual_seed(seed)
+    gen = build_generator(cfg.model, loss=None)
+    with torch.no_grad():
+        head = gen.generator.mlp[-1]
+        head.weight.normal_(0.0, 0.5)
+        head.bias.normal_(0.0, 0.5)
+    extractor = build_extractor(cfg.model)
+    disc = build_discriminator(cfg.model)
+    rng = np.random.default_rng(seed)
+    m, dk = cfg.memory.capacity, cfg.model.extractor_dim
+    keys = rng.standard_normal((m, dk)).astype(np.float32)
+    keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+    values = np.full((m, NUM_BINS), 1.0 / NUM_BINS, np.float32)
+    item_ids = np.full(m, -1, np.int64)
+    for i in range(8):
+        values[i] = image_to_sample(blocky_image(rng), image_size)["color_feature"].numpy()
+        item_ids[i] = 1000 + i
+    memory = {"keys": keys, "values": values / values.sum(1, keepdims=True), "ages": np.zeros(m, np.float32),
+              "item_ids": item_ids, "version": 8}
+    models = {"generator": gen.state_dict(), "discriminator": disc.state_dict(),
+              "extractor": trainable_state(extractor)}
+    save_checkpoint(out_dir, 1, cfg, models, {}, [], memory, {"phase": 2, "memory_name": cfg.memory.name})
+    return out_dir
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return e
+
+
+class StudioProcess:
+    """`python -m studio` on a free loopback port; waits for its READY line (never a sleep)."""
+
+    def __init__(self, *args: str, log: Path, timeout_s: float = 180.0) -> None:
+        cmd = [PYTHON, "-m", "studio", "--host", "127.0.0.1", "--port", "0", *args]
+        self.log = log
+        with open(log, "wb") as err:  # a file, not a pipe: a chatty process can never block on it
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=err,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        self.url = self._wait_ready(timeout_s)
+
+    def _wait_ready(self, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        line = b""
+        try:
+            while not line.endswith(b"\n"):
+                left = deadline - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None:
+                    break
+                if sel.select(min(left, 1.0)):
+                    chunk = os.read(self.proc.stdout.fileno(), 4096)
+                    if not chunk:
+                        break
+                    line += chunk
+        finally:
+            sel.close()
+        first = line.decode(errors="replace").split("\n", 1)[0]
+        if not first.startswith("READY "):
+            self.stop()
+            raise AssertionError(f"studio did not print READY (got {first!r}); stderr:\n{self.stderr()[-4000:]}")
+        return first.split(" ", 1)[1]
+
+    def stop(self, timeout_s: float = 60.0) -> int:
+        """SIGTERM and wait; SIGKILL to the group only if it does not stop in time. Returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc.stdout.close()
+        return self.proc.returncode
+
+    def stderr(self) -> str:
+        return self.log.read_text(errors="replace")
