@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when present)")
     parser.add_argument("--max-file-mb", type=float, default=64, help="largest uploaded image (default 64 MiB)")
     parser.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image in pixels (default 40 M)")
+    parser.add_argument("--max-request-mb", type=float, default=512, help="largest request body (default 512 MiB)")
     parser.add_argument("--log-level", default="warning", help="debug, info, warning (default)")
     return parser
 
@@ -66,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.port <= 65535:
         print(f"error: --port must be in 0..65535, got {args.port}", file=sys.stderr)
         return 2
-    if args.capacity < 1 or args.max_file_mb <= 0 or args.max_pixels < 1:
-        print("error: --capacity, --max-file-mb and --max-pixels must be positive", file=sys.stderr)
+    if args.capacity < 1 or args.max_file_mb <= 0 or args.max_pixels < 1 or args.max_request_mb <= 0:
+        print("error: --capacity, --max-file-mb, --max-pixels and --max-request-mb must be positive", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not _is_loopback(args.host):
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     from studio.service import Studio
     from trainer.checkpoint import CheckpointError
 
-    limits = Limits(file_bytes=int(args.max_file_mb * 2**20), pixels=args.max_pixels)
+    limits = Limits(request_bytes=int(args.max_request_mb * 2**20), file_bytes=int(args.max_file_mb * 2**20),
+                    pixels=args.max_pixels, pack_bytes=int(args.max_request_mb * 2**20))
     try:
         studio = Studio(args.checkpoint, memory=args.memory, data_dir=args.data_dir, device=args.device,
                         capacity=args.capacity, limits=limits)

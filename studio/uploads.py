@@ -31,7 +31,7 @@ class Limits:
     file_bytes: int = 64 << 20  # one uploaded file
     pixels: int = 40_000_000  # width x height of one image
     files_per_request: int = 500
-    pack_bytes: int = 1 << 30  # an uploaded memory pack
+    pack_bytes: int = 512 << 20  # an uploaded memory pack
 
 
 def display_name(name: str | None) -> str:
@@ -48,23 +48,23 @@ def decode_image(data: bytes, name: str, limits: Limits, background: str = "whit
         raise UploadError(f"{shown} is {len(data) / 2**20:.1f} MiB; the limit is {limits.file_bytes / 2**20:.0f} MiB")
     if not data:
         raise UploadError(f"{shown} is empty")
-    Image.MAX_IMAGE_PIXELS = limits.pixels
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=FORMATS) as probe:  # reads the header only
-                width, height = probe.size
+        Image.MAX_IMAGE_PIXELS = None  # the header is read with our own check below, which names the size
+        with Image.open(io.BytesIO(data), formats=FORMATS) as probe:  # reads the header only
+            width, height = probe.size
     except UnidentifiedImageError:
         raise UploadError(f"{shown} is not an image (accepted: {', '.join(FORMATS)})") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UploadError(f"{shown} is too large: more than {limits.pixels:,} pixels") from None
     except Exception as e:  # noqa: BLE001 - a damaged header: Pillow raises many types
         raise UploadError(f"{shown} cannot be read as an image: {type(e).__name__}: {e}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limits.pixels  # Pillow's own bomb check, a second line for the decode
     if width * height > limits.pixels:
         raise UploadError(f"{shown} is {width}x{height} = {width * height:,} pixels; the limit is {limits.pixels:,}")
     if width < 1 or height < 1:
         raise UploadError(f"{shown} has no pixels ({width}x{height})")
     try:
-        return load_rgb(data, background=background)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return load_rgb(data, background=background)
     except ValueError as e:  # ImageDecodeError: a truncated or damaged body
         raise UploadError(f"{shown} cannot be decoded: {str(e).split(': ', 1)[-1]}") from None
