@@ -1,4 +1,4 @@
-"""Pieces shared by the studio and pack tests: a tiny checkpoint, photos, a studio process.
+"""Pieces shared by the studio and pack tests: a tiny checkpoint and photos (the studio process: studio/launcher.py).
 
 The checkpoint is written by the trainer's own save_checkpoint from the trainer's model builders at the
 debug config's sizes, but not trained (training is tested elsewhere; what these tests check does not
@@ -10,11 +10,7 @@ slots with the colour distributions of 8 random images.
 from __future__ import annotations
 
 import os
-import selectors
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -76,53 +72,3 @@ def env() -> dict[str, str]:
     e = dict(os.environ)
     e.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return e
-
-
-class StudioProcess:
-    """`python -m studio` on a free loopback port; waits for its READY line (never a sleep)."""
-
-    def __init__(self, *args: str, log: Path, timeout_s: float = 180.0) -> None:
-        cmd = [PYTHON, "-m", "studio", "--host", "127.0.0.1", "--port", "0", *args]
-        self.log = log
-        with open(log, "wb") as err:  # a file, not a pipe: a chatty process can never block on it
-            self.proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=err,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
-        self.url = self._wait_ready(timeout_s)
-
-    def _wait_ready(self, timeout_s: float) -> str:
-        deadline = time.monotonic() + timeout_s
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        line = b""
-        try:
-            while not line.endswith(b"\n"):
-                left = deadline - time.monotonic()
-                if left <= 0 or self.proc.poll() is not None:
-                    break
-                if sel.select(min(left, 1.0)):
-                    chunk = os.read(self.proc.stdout.fileno(), 4096)
-                    if not chunk:
-                        break
-                    line += chunk
-        finally:
-            sel.close()
-        first = line.decode(errors="replace").split("\n", 1)[0]
-        if not first.startswith("READY "):
-            self.stop()
-            raise AssertionError(f"studio did not print READY (got {first!r}); stderr:\n{self.stderr()[-4000:]}")
-        return first.split(" ", 1)[1]
-
-    def stop(self, timeout_s: float = 60.0) -> int:
-        """SIGTERM and wait; SIGKILL to the group only if it does not stop in time. Returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.proc.stdout.close()
-        return self.proc.returncode
-
-    def stderr(self) -> str:
-        return self.log.read_text(errors="replace")

@@ -21,10 +21,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
-from studiohelpers import StudioProcess, make_checkpoint, tint_image
+from studiohelpers import make_checkpoint, tint_image
 
 from memory_server.client import MemoryClient
 from memory_server.launcher import start_server
+from studio.launcher import StudioProcess
 from studio.uploads import Limits, UploadError, decode_image, display_name
 from trainer.packs import checkpoint_identity, export_pack, pack_bytes, read_pack
 

@@ -14,9 +14,11 @@ import urllib.request
 
 import numpy as np
 import pytest
-from browserhelpers import browser_missing, chrome
 from PIL import Image
-from studiohelpers import StudioProcess, make_checkpoint
+from studiohelpers import make_checkpoint
+
+from studio.browser import browser_missing, chrome
+from studio.launcher import StudioProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 WAIT_S = 120  # generous: a loaded 2-core machine

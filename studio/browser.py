@@ -1,4 +1,4 @@
-"""Headless Debian Chromium through chromium-driver and selenium, for the studio's browser test and screenshot.
+"""Headless Debian Chromium through chromium-driver and selenium: the studio's browser test and screenshot.
 
 Both paths are given explicitly and Selenium Manager is kept offline: nothing is downloaded. Returns
 None with the reason when no browser can be driven here (the caller skips and says why).
