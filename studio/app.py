@@ -102,7 +102,7 @@ def create_app(studio: Studio, hosts: list[str] | None = None) -> Starlette:
         async def wrapped(request: Request) -> Response:
             try:
                 return await handler(request)
-            except StudioError as e:
+            except ValueError as e:  # StudioError, and the ValueErrors of trainer/ for bad input
                 return _error(400, str(e))
             except KeyError as e:
                 return _error(404, str(e.args[0]) if e.args else "not found")
@@ -172,7 +172,7 @@ def create_app(studio: Studio, hosts: list[str] | None = None) -> Starlette:
                 break
             try:
                 png, info = await call(studio.colorize_photo, pid, job.memory)
-            except (StudioError, KeyError, MemoryServerError, MemoryUnavailable) as e:
+            except (ValueError, KeyError, MemoryServerError, MemoryUnavailable) as e:
                 png, info = None, {"photo": pid, "error": str(e.args[0]) if isinstance(e, KeyError) else str(e)}
             except Exception as e:  # noqa: BLE001 - one bad photo must not end the batch; logged in full
                 log.exception("colorizing photo %s failed", pid)

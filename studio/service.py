@@ -90,8 +90,9 @@ class Studio:
                                            log_path=self.work / "memory-server.log")
                 memory = self.server.endpoint
             self.endpoint = memory
+            with MemoryClient(memory, timeout_ms=3000, retries=1) as probe:  # fail fast on a wrong address
+                probe.ping()
             self.client = MemoryClient(memory, timeout_ms=timeout_ms)
-            self.client.ping()
             self.default_memory = self._serve_checkpoint_memory() if self.server is not None else None
             registry = Path(data_dir) / "studio" if data_dir else self.work / "exemplars"
             self.registry = ExemplarRegistry(registry)
@@ -196,6 +197,8 @@ class Studio:
                 images.append((display_name(filename), decode_image(data, filename, self.limits, self._background)))
             except UploadError as e:
                 errors.append(str(e))
+        exported = self._export(name, info)
+        before = int((exported[0] >= 0).sum()) if exported is not None else int(info["filled"])
         written = []
         chunk = max(1, min(MEMORIZE_CHUNK, int(info["capacity"])))
         for start in range(0, len(images), chunk):
@@ -208,8 +211,8 @@ class Studio:
                 written.append({"slot": slot, "name": shown})
         self.registry.commit()
         note = ""
-        if len(images) > info["capacity"] - int(info["filled"]) and len(images) > 0:
-            note = f"memory {name!r} has {info['capacity']} slots: the oldest writes may have been replaced"
+        if before + len(images) > info["capacity"]:
+            note = f"memory {name!r} has {info['capacity']} slots: the oldest exemplars were replaced"
         return {"written": written, "errors": errors, "note": note}
 
     @property

@@ -75,6 +75,46 @@ def test_decode_refuses_bad_uploads_with_the_file_name():
         decode_image(whole[: len(whole) // 2], "cut.png", limits)
 
 
+def _asgi(limit: int, chunks: list[bytes], headers: list[tuple[bytes, bytes]]) -> tuple[int, int]:
+    """Run BodyLimit over an app that reads the whole body: (status sent, body bytes the app saw)."""
+    import asyncio
+
+    from studio.app import BodyLimit
+
+    seen, sent = [0], []
+
+    async def app(scope, receive, send):
+        while True:
+            message = await receive()
+            seen[0] += len(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    queue = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+
+    async def receive():
+        return queue.pop(0)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/api/photos", "headers": headers}
+    asyncio.run(BodyLimit(app, limit)(scope, receive, send))
+    return sent[0]["status"], seen[0]
+
+
+def test_body_limit_counts_streamed_bytes_and_wants_the_header():
+    studio_header = [(b"x-pccnet-studio", b"1")]
+    assert _asgi(2500, [b"x" * 1000] * 2, studio_header) == (200, 2000)
+    # No Content-Length (chunked): the chunk that passes the limit never reaches the app.
+    assert _asgi(2500, [b"x" * 1000] * 5, studio_header) == (413, 2000)
+    # A declared length over the limit is refused before anything is read.
+    assert _asgi(2500, [b"x" * 10], [*studio_header, (b"content-length", b"9999")]) == (413, 0)
+    assert _asgi(2500, [b"x" * 10], []) == (403, 0)
+
+
 @given(st.text(max_size=300))
 def test_display_names_are_never_paths(name):
     shown = display_name(name)
