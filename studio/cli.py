@@ -81,11 +81,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     t0 = time.perf_counter()
+    from PIL import Image
+
     from memory_server.client import MemoryServerError, MemoryUnavailable
     from studio.app import create_app
     from studio.service import Studio
     from trainer.checkpoint import CheckpointError
 
+    # Pillow refuses images over MAX_IMAGE_PIXELS even before our own check; keep it at least --max-pixels.
+    Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, args.max_pixels)
     limits = Limits(request_bytes=int(args.max_request_mb * 2**20), file_bytes=int(args.max_file_mb * 2**20),
                     pixels=args.max_pixels, pack_bytes=int(args.max_request_mb * 2**20))
     try:

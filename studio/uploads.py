@@ -1,8 +1,9 @@
 """Decoding what a browser uploads: bounded in bytes and pixels, only image formats, clear messages.
 
 The pixel count is read from the file's header and checked before anything is decoded, so a
-decompression bomb (a small file declaring a huge image) costs nothing; Pillow's own bomb check is set
-to the same limit as a second line. A client's file name is only ever shown, never used as a path.
+decompression bomb (a small file declaring a huge image) costs nothing; Pillow's own bomb check
+(Image.MAX_IMAGE_PIXELS, raised by the studio's command line when --max-pixels is larger) stays on as a
+second line. A client's file name is only ever shown, never used as a path.
 """
 
 from __future__ import annotations
@@ -49,22 +50,22 @@ def decode_image(data: bytes, name: str, limits: Limits, background: str = "whit
     if not data:
         raise UploadError(f"{shown} is empty")
     try:
-        Image.MAX_IMAGE_PIXELS = None  # the header is read with our own check below, which names the size
-        with Image.open(io.BytesIO(data), formats=FORMATS) as probe:  # reads the header only
-            width, height = probe.size
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=FORMATS) as probe:  # reads the header only
+                width, height = probe.size
     except UnidentifiedImageError:
         raise UploadError(f"{shown} is not an image (accepted: {', '.join(FORMATS)})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # Pillow's own check (Image.MAX_IMAGE_PIXELS), for sizes beyond even its limit.
+        raise UploadError(f"{shown} is too large: more than {limits.pixels:,} pixels") from None
     except Exception as e:  # noqa: BLE001 - a damaged header: Pillow raises many types
         raise UploadError(f"{shown} cannot be read as an image: {type(e).__name__}: {e}") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = limits.pixels  # Pillow's own bomb check, a second line for the decode
     if width * height > limits.pixels:
         raise UploadError(f"{shown} is {width}x{height} = {width * height:,} pixels; the limit is {limits.pixels:,}")
     if width < 1 or height < 1:
         raise UploadError(f"{shown} has no pixels ({width}x{height})")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return load_rgb(data, background=background)
+        return load_rgb(data, background=background)
     except ValueError as e:  # ImageDecodeError: a truncated or damaged body
         raise UploadError(f"{shown} cannot be decoded: {str(e).split(': ', 1)[-1]}") from None

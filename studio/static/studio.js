@@ -288,6 +288,11 @@ async function colorize(photoIds) {
     $("progress-text").textContent = "choose or create a memory to colorize";
     return;
   }
+  const chosen = state.memories.find((m) => m.name === state.memory);
+  if (state.usesMemory && chosen && chosen.written === 0) {
+    $("progress-text").textContent = `add colour exemplars to ${chosen.name} to colorize with it`;
+    return;
+  }
   const previous = state.job;
   const job = await postJSON("/api/jobs", {memory: state.memory, photos: photoIds});
   state.job = job.id;
