@@ -11,6 +11,7 @@ import http.client
 import io
 import json
 import struct
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -277,6 +278,7 @@ def test_batch_progress_zip_and_packs(setup):
     assert status == 200 and job["total"] == 6
     seen = []
     while job["state"] == "running":
+        time.sleep(0.05)  # a poll interval, as the page's (not a wait for readiness: the loop reads the state)
         job = _json(url + f"api/jobs/{job['id']}")[1]
         seen.append(job["done"])
     assert seen == sorted(seen) and job["state"] == "done" and job["done"] == 6
