@@ -78,7 +78,7 @@ class Job:
 class FileStore:
     """Photos (RGB arrays + gray previews) and job results in a work folder, bounded in count."""
 
-    def __init__(self, root: Path, max_photos: int = 1000, max_jobs: int = 50) -> None:
+    def __init__(self, root: Path, max_photos: int = 1000, max_jobs: int = 200) -> None:
         self.root = root
         self.max_photos, self.max_jobs = max_photos, max_jobs
         for sub in ("photos", "results"):

@@ -193,18 +193,24 @@ async function importPack(file) {
 }
 
 // ---- photos and results -------------------------------------------------------------------------------
+const UPLOAD_CHUNK = 8;  // photos per request: the page shows upload progress and no request grows huge
+
 async function addPhotos(files) {
   if (!files.length) return;
   await guard(async () => {
-    $("progress-text").textContent = `uploading ${files.length} photo(s)…`;
-    const result = await api("/api/photos", {method: "POST", body: formWith(files)});
-    result.errors.forEach(showError);
-    for (const p of result.photos) {
-      state.photos.push(p);
-      $("results").append(resultRow(p));
+    let added = 0;
+    for (let i = 0; i < files.length; i += UPLOAD_CHUNK) {
+      $("progress-text").textContent = `uploading ${i} / ${files.length} photo(s)…`;
+      const result = await api("/api/photos", {method: "POST", body: formWith(files.slice(i, i + UPLOAD_CHUNK))});
+      result.errors.forEach(showError);
+      for (const p of result.photos) {
+        state.photos.push(p);
+        $("results").append(resultRow(p));
+      }
+      added += result.photos.length;
     }
     updateButtons();
-    if (result.photos.length) await colorize(pendingPhotos());
+    if (added) await colorize(pendingPhotos());
     else $("progress-text").textContent = "";
   });
 }
