@@ -26,16 +26,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+import trainer.images as images
+from pccnet.color import color_distribution, normalize_ab, normalize_light, rgb_to_lab
+from trainer.config import DataConfig
+from trainer.data import _shard_samples, expand_pattern, make_train_loader
+from trainer.shards import item_id, write_shards
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "launch")]
-
-from make_shards import write_shards  # noqa: E402
-
-import trainer.data as data  # noqa: E402
-import trainer.images as images  # noqa: E402
-from pccnet.color import color_distribution, normalize_ab, normalize_light, rgb_to_lab  # noqa: E402
-from trainer.config import DataConfig  # noqa: E402
-from trainer.data import _shard_samples, expand_pattern, item_id, make_train_loader  # noqa: E402
 
 BATCH = 8
 WARMUP_BATCHES = 3  # per run, not timed: worker start-up and the shuffle buffer's first fill
@@ -121,17 +118,14 @@ def timed_rate(batches, n_batches: int, clock=time.perf_counter) -> float:
 
 def pipeline_rate(pattern: str, size: int, workers: int, n_batches: int, clock=time.perf_counter,
                   warm_batches: int = 0) -> float:
-    """Training-loader images/s; the sample cache is off unless warm_batches > 0 (then: warm it first)."""
+    """Training-loader images/s; the sample cache (data.cache_mb) is off unless warm_batches > 0 (then: warm it
+    first, at the default size)."""
     cfg = DataConfig(train=pattern, image_size=size, batch_size=BATCH, workers=workers, flip=True,
-                     shuffle_buffer=64, epoch_batches=10**6)
-    saved, data.CACHE_MB = data.CACHE_MB, (data.CACHE_MB if warm_batches else 0)
-    try:
-        with make_train_loader(cfg, 0, 1, seed=0) as loader:
-            for _ in range(warm_batches):
-                next(loader)
-            return timed_rate(loader, n_batches, clock)
-    finally:
-        data.CACHE_MB = saved
+                     shuffle_buffer=64, cache_mb=DataConfig.cache_mb if warm_batches else 0)
+    with make_train_loader(cfg, 0, 1, seed=0) as loader:
+        for _ in range(warm_batches):
+            next(loader)
+        return timed_rate(loader, n_batches, clock)
 
 
 def baseline_rate(files: list[Path], size: int, workers: int, n_batches: int, clock=time.perf_counter) -> float:

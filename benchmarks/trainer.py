@@ -28,7 +28,6 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def synthetic_shards(folder: Path, n: int = 256, size: int = 96) -> str:
