@@ -33,7 +33,6 @@ from trainer.config import DataConfig
 from trainer.images import (
     ImageDecodeError,
     center_crop_resize,
-    check_image_size,
     lab_batch,
     load_rgb,
     parse_background,
@@ -375,12 +374,8 @@ class _ShardStream(IterableDataset):
 
 # --- loaders ---------------------------------------------------------------------------------------
 def _check_cfg(cfg: DataConfig, rank: int, world_size: int) -> None:
-    check_image_size(cfg.image_size)
+    # Sizes and counts are DataConfig's to check (it validates itself); the background is checked here.
     parse_background(cfg.background)
-    if cfg.batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size!r}")
-    if cfg.workers < 0:
-        raise ValueError(f"workers must be >= 0, got {cfg.workers!r}")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank must be in 0..world_size-1, got rank {rank!r} of world_size {world_size!r}")
 
