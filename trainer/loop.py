@@ -28,7 +28,7 @@ from pccnet.discriminator import PatchDiscriminator
 from pccnet.extractor import MemoryExtractor
 from trainer import checkpoint as ckpt_io
 from trainer.config import ConfigError, Phase2Config, TrainConfig, config_to_dict, load_config, save_config
-from trainer.data import make_eval_loader, make_train_loader
+from trainer.data import expand_pattern, make_eval_loader, make_train_loader
 from trainer.distributed import check_ddp_consistency, make_accelerator, max_param_diff
 from trainer.memory import TrainerMemory
 from trainer.models import build_generator
@@ -345,10 +345,11 @@ def run(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
 
 def train(config: str | Path | None, overrides: list[str] | tuple[str, ...] = (), resume: str | None = "auto"
           ) -> dict[str, Any]:
-    """launch/train.py: the config file plus overrides, checked to name training data, then run()."""
+    """launch/train.py: the config file plus overrides, checked to name training data that exists, then run()."""
     cfg = load_config(config, overrides)
     if not cfg.data.train:
         raise ConfigError("data.train must name the training shards (e.g. data/shards/x/train-{000000..000003}.tar)")
+    expand_pattern(cfg.data.train)  # a wrong pattern fails here, before any process or server starts
     result = run(cfg, resume=resume)
     if os.environ.get("RANK", "0") == "0":
         print(f"done: step {result['step']}, outputs in {result['out_dir']}")
