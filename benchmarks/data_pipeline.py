@@ -318,6 +318,13 @@ def run(quick: bool, n_images: int | None, source: str) -> dict:
     return results
 
 
+def _table(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """A Markdown table after a blank line and its title; the first column left-aligned, the rest right."""
+    print(f"\n{title}\n| " + " | ".join(header) + " |\n|---|" + "---:|" * (len(header) - 1))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
 def print_tables(results: dict) -> None:
     print(f"\nimages/s (wall clock, median of rounds), {results['images']}, batch {BATCH}:")
     print("| size | workers | pipeline (cold) | folder baseline | ratio | cold, all-pixel feature | its ratio "
@@ -334,18 +341,12 @@ def print_tables(results: dict) -> None:
     for size, c in results["cpu"].items():
         print(f"| {size} | {c['pipeline']:.2f} | {c['baseline']:.2f} | {c['baseline'] / c['pipeline']:.2f}x |")
     for size, rows in results["stages"].items():
-        print(f"\nCPU ms per image by stage at {size} px (one thread, best of {REPEATS}):")
-        print("| stage | pipeline | baseline |")
-        print("|---|---:|---:|")
-        for name, p, b in rows:
-            print(f"| {name} | {p:.2f} | {b:.2f} |")
-        print(f"| total | {sum(r[1] for r in rows):.2f} | {sum(r[2] for r in rows):.2f} |")
+        _table(f"CPU ms per image by stage at {size} px (one thread, best of {REPEATS}):", ("stage", "pipeline", "baseline"),
+               [(name, f"{p:.2f}", f"{b:.2f}") for name, p, b in rows]
+               + [("total", f"{sum(r[1] for r in rows):.2f}", f"{sum(r[2] for r in rows):.2f}")])
     for size, rows in results["precompute"].items():
-        print(f"\nprecompute options at {size} px: CPU ms per image (one thread), bytes per sample in the shard:")
-        print("| option | CPU ms/img | bytes/sample |")
-        print("|---|---:|---:|")
-        for name, ms, nbytes in rows:
-            print(f"| {name} | {ms:.3f} | {nbytes:,.0f} |")
+        _table(f"precompute options at {size} px: CPU ms per image (one thread), bytes per sample in the shard:",
+               ("option", "CPU ms/img", "bytes/sample"), [(name, f"{ms:.3f}", f"{n:,.0f}") for name, ms, n in rows])
     train = results["train_rate"]
     print("\npipeline rate / phase-2 training consumption (CPU config: 64 px, batch 8, width 32):")
     print("| workers | pipeline img/s | training img/s | ratio |")

@@ -163,3 +163,20 @@ def test_rerun_replaces_old_shards_and_the_loader_reads_the_output(photos, tmp_p
     keys = sorted(k for rank in range(2) for b in make_eval_loader(pattern, cfg, rank, 2) for k in b["key"])
     assert keys == sorted(["train-000000/a", "train-000000/b", "train-000000/c", "train-000000/sub/D",
                            "train-000001/sub/deeper/my_photo", "train-000001/sub/rgba"])
+
+
+def test_sample_keys_are_tar_safe_and_unique():
+    from trainer.shards import sample_key
+
+    taken: set[str] = set()
+    keys = [sample_key(n, taken) for n in ("a b.jpg", "a_b.png", "dir/x.y.z.png", "__meta__.png", "/", "ü.png")]
+    assert keys == ["a_b", "a_b_1", "dir/x_y_z", "x__meta__", "image", "_"]
+    assert len(set(keys)) == len(keys)
+
+
+def test_manifest_counts_skips_an_unreadable_manifest(tmp_path, caplog):
+    (tmp_path / "good-manifest.json").write_text(json.dumps({"shards": [{"name": "g.tar", "samples": 3,
+                                                                         "bytes": 10240}]}))
+    (tmp_path / "bad-manifest.json").write_text("{not json")
+    assert manifest_counts(tmp_path) == {"g.tar": (3, 10240)}
+    assert "ignoring unreadable manifest" in caplog.text and "bad-manifest.json" in caplog.text

@@ -4,22 +4,11 @@ uniform feature, the KL score and the phase-1 collapse check."""
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from trainhelpers import FixedQuery
 
 from memory_server.local import InProcessMemory
 from pccnet.color import NUM_BINS
 from trainer.retrieval import collapse_warning, retrieval_kl, retrieve_color_feature, uniform_color_feature
-
-
-class FixedQuery(nn.Module):
-    """Stands in for the extractor: retrieval only needs a query per image, not a trained network."""
-
-    def __init__(self, q: np.ndarray) -> None:
-        super().__init__()
-        self.q = torch.from_numpy(q)
-
-    def forward(self, light: torch.Tensor) -> torch.Tensor:
-        return self.q[: light.shape[0]]
 
 
 def _memory_with_one_far_written_slot(capacity: int = 64, dim: int = 8):

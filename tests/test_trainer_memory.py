@@ -6,23 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from trainhelpers import FixedQuery
 
 from memory_server.client import MemoryClient
 from pccnet.color import NUM_BINS
 from trainer.config import MemoryConfig
 from trainer.memory import TrainerMemory
-
-
-class FixedQuery(nn.Module):
-    """Stands in for the extractor: retrieval only needs a query per image."""
-
-    def __init__(self, q: np.ndarray) -> None:
-        super().__init__()
-        self.q = torch.from_numpy(q)
-
-    def forward(self, light: torch.Tensor) -> torch.Tensor:
-        return self.q[: light.shape[0]]
 
 
 def rows(n: int, dim: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
