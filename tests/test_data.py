@@ -504,6 +504,7 @@ DDP_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_eval_exactly_once_across_two_real_processes(shards, tmp_path):
     script = tmp_path / "ddp_eval.py"
     script.write_text(DDP_SCRIPT)

@@ -40,9 +40,10 @@ def _final_memory(run: Path) -> dict:
     return dict(np.load(run / "checkpoints" / "step-0000007" / "memory.npz"))
 
 
-def _one_shard(pattern: str) -> str:
-    """The first of the two training shards (8 images): FID's Inception is the slow part of evaluate."""
-    return pattern.replace("{000000..000001}", "000000")
+@pytest.fixture(scope="module")
+def test_split(tmp_path_factory) -> str:
+    """4 other images for the image metrics: FID's Inception (0.2-0.5 s an image here) is evaluate's slow part."""
+    return write_tiny_shards(tmp_path_factory.mktemp("test-split"), n_shards=1, per_shard=4, seed=1)
 
 
 def _usage_error(main, argv: list[str], capsys) -> str:
@@ -162,13 +163,14 @@ def test_evaluate_retrieval_scores_the_memory(trained, tmp_path):
     assert [row["val/retrieval_acc"] for row in rows if "val/retrieval_acc" in row] == [r["acc@1.5"]]
 
 
-def test_evaluate_writes_every_metric(trained, tmp_path, capsys):
-    run, shards = trained
-    shards = _one_shard(shards)
+@pytest.mark.slow
+def test_evaluate_writes_every_metric(trained, test_split, tmp_path, capsys):
+    run, _ = trained
+    shards = test_split
     out = tmp_path / "eval.json"
     assert evaluate_main(["--checkpoint", str(run), "--data", shards, "--output", str(out), "--bootstrap", "5"]) == 0
     result = json.loads(out.read_text())
-    assert result["n_images"] == 8 and result["small_set"] is True
+    assert result["n_images"] == 4 and result["small_set"] is True
     for key in ("fid", "lpips", "psnr", "colorfulness"):
         assert np.isfinite(result[key]), key
     assert "| FID |" in capsys.readouterr().out
@@ -181,19 +183,19 @@ def test_evaluate_writes_every_metric(trained, tmp_path, capsys):
                           "--baseline", "gray"]) == 0
     gray_result = json.loads(gray.read_text())
     assert gray_result["colorfulness"] < 0.5 < gray_result["colorfulness_real"]
-    assert gray_result["n_images"] == 8
+    assert gray_result["n_images"] == 4
     # The gray output and the ground truth share L, so their PSNR is that of ab alone; the model's differs.
     assert gray_result["psnr"] != result["psnr"] and gray_result["colorfulness_real"] == result["colorfulness_real"]
 
 
-def test_evaluate_with_each_image_own_colour_feature(trained, tmp_path, capsys):
-    run, shards = trained
-    shards = _one_shard(shards)
+def test_evaluate_with_each_image_own_colour_feature(trained, test_split, tmp_path, capsys):
+    run, _ = trained
+    shards = test_split
     out = tmp_path / "own.json"
     assert evaluate_main(["--checkpoint", str(run), "--data", shards, "--output", str(out), "--bootstrap", "5",
                           "--color-feature", "own"]) == 0
     result = json.loads(out.read_text())
-    assert result["color_feature"] == "own" and result["n_images"] == 8 and np.isfinite(result["fid"])
+    assert result["color_feature"] == "own" and result["n_images"] == 4 and np.isfinite(result["fid"])
     err = _usage_error(evaluate_main, ["--checkpoint", str(run), "--data", shards, "--output", str(out),
                                        "--color-feature", "own", "--baseline", "gray"], capsys)
     assert "--color-feature own has no effect with --baseline gray" in err
@@ -216,16 +218,16 @@ def test_predict_ab_is_conditioned_on_the_given_colour_feature(trained):
     assert not torch.allclose(a, b), "the colour feature passed in does not reach the generator"
 
 
-def test_evaluate_with_the_memory_of_another_checkpoint(trained, tmp_path, capsys):
+def test_evaluate_with_the_memory_of_another_checkpoint(trained, test_split, tmp_path, capsys):
     run, shards = trained
     from trainer.checkpoint import list_checkpoints
 
     ckpt = list_checkpoints(run)[-1]
     out = tmp_path / "other.json"
-    assert evaluate_main(["--checkpoint", str(run), "--data", _one_shard(shards), "--output", str(out),
+    assert evaluate_main(["--checkpoint", str(run), "--data", test_split, "--output", str(out),
                           "--bootstrap", "0", "--memory-from", str(ckpt)]) == 0
     result = json.loads(out.read_text())
-    assert result["memory_from"] == str(ckpt) and result["fid_bootstrap_std"] is None and result["n_images"] == 8
+    assert result["memory_from"] == str(ckpt) and result["fid_bootstrap_std"] is None and result["n_images"] == 4
     missing = tmp_path / "no-such-checkpoint"
     capsys.readouterr()
     assert evaluate_main(["--checkpoint", str(run), "--data", shards, "--output", str(out), "--memory-from",

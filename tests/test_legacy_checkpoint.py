@@ -60,7 +60,6 @@ def test_it_colorizes_as_the_code_that_wrote_it():
     assert rgb.shape == (20, 28, 3) and np.abs(rgb.astype(int) - expected["rgb"]).max() <= 1
 
 
-@pytest.mark.slow
 def test_it_resumes_training(tmp_path):
     shards = write_tiny_shards(tmp_path / "shards", n_shards=1)
     out = tmp_path / "run"

@@ -35,6 +35,7 @@ def shards(tmp_path_factory):
     return write_tiny_shards(tmp_path_factory.mktemp("shards"))
 
 
+@pytest.mark.slow
 def test_two_process_run_of_both_phases(tmp_path, shards):
     out = tmp_path / "run"
     # No age noise: each miss then takes a slot never written before (the memory has room for all 12 rows).
@@ -68,6 +69,7 @@ def test_two_process_run_of_both_phases(tmp_path, shards):
     assert set(models) == {"generator", "discriminator", "extractor"}
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_restores_the_memory(tmp_path, shards):
     """kill -9 mid phase 1 (the memory keeps changing after the checkpoint), then resume from it."""
     server = start_server(tmp_path / "mem", bind="tcp://127.0.0.1:0")
@@ -110,6 +112,7 @@ def test_kill_9_then_resume_restores_the_memory(tmp_path, shards):
         server.stop()
 
 
+@pytest.mark.slow
 def test_resume_with_embedded_server_continues_to_the_end(tmp_path, shards):
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "c.yaml", shards, out, phase1__steps=3, phase2__steps=300)
@@ -127,17 +130,23 @@ def test_resume_with_embedded_server_continues_to_the_end(tmp_path, shards):
     assert (out / "checkpoints" / f"step-{latest + 2:07d}").is_dir()
 
 
-def test_model_shape_change_on_resume_is_a_clear_error(tmp_path, shards):
+def test_model_shape_change_on_resume_is_a_clear_error(tmp_path, shards, capsys):
+    """In this process (one rank, the in-process memory): the refusal comes before any step or server."""
+    from launch.train import main
+
     out = tmp_path / "run"
-    cfg = write_config(tmp_path / "c.yaml", shards, out, phase1__steps=1, phase2__steps=0,
-                       run__checkpoint_every=1)
-    res = run_cmd(torchrun_cmd(cfg, nproc=1))
-    assert res.returncode == 0, res.stdout[-4000:]
-    res = run_cmd(torchrun_cmd(cfg, "model.width=8", "phase1.steps=2", nproc=1))
-    assert res.returncode != 0
-    assert "model.width" in res.stdout and "shape" in res.stdout
+    cfg = write_config(tmp_path / "c.yaml", shards, out, phase1__steps=1, phase2__steps=0, run__checkpoint_every=1,
+                       memory__address="inproc", data__workers=0)
+    assert main(["--config", str(cfg)]) == 0
+    capsys.readouterr()
+    assert main(["--config", str(cfg), "model.generator.width=8", "phase1.steps=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot resume from {out / 'checkpoints' / 'step-0000001'}: these keys change the "
+                          "saved model's shape: model.generator.width.")
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000001"]  # nothing trained, nothing lost
 
 
+@pytest.mark.slow
 def test_server_dying_mid_run_is_reported_clearly(tmp_path, shards):
     server = start_server(tmp_path / "mem", bind="tcp://127.0.0.1:0")
     out = tmp_path / "run"
@@ -170,6 +179,7 @@ def test_config_errors_exit_2_with_the_path(tmp_path, capsys):
     assert not (tmp_path / "run").exists()  # refused before anything started
 
 
+@pytest.mark.slow
 def test_accelerate_launch_with_the_shipped_config_starts_two_ranks(tmp_path, shards):
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "c.yaml", shards, out, phase1__steps=2, phase2__steps=1)
