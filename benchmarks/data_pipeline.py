@@ -26,13 +26,15 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-import trainer.images as images
-from pccnet.color import color_distribution, normalize_ab, normalize_light, rgb_to_lab
-from trainer.config import DataConfig
-from trainer.data import _shard_samples, expand_pattern, make_train_loader
-from trainer.shards import item_id, write_shards
-
 REPO = Path(__file__).resolve().parents[1]
+# Run as a script, this folder comes first on sys.path and its trainer.py would shadow the trainer package.
+sys.path.insert(0, str(REPO))
+
+import trainer.images as images  # noqa: E402
+from pccnet.color import color_distribution, normalize_ab, normalize_light, rgb_to_lab  # noqa: E402
+from trainer.config import DataConfig  # noqa: E402
+from trainer.data import _shard_samples, expand_pattern, make_train_loader  # noqa: E402
+from trainer.shards import item_id, write_shards  # noqa: E402
 
 BATCH = 8
 WARMUP_BATCHES = 3  # per run, not timed: worker start-up and the shuffle buffer's first fill

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# Run as a script, this folder comes first on sys.path and its trainer.py would shadow the trainer package.
+sys.path.insert(0, str(REPO))
 
 
 def _make_step(image_size: int, batch_size: int, width: int, device: str, bf16: bool):

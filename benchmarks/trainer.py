@@ -28,6 +28,8 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+# Run as a script, this folder comes first on sys.path and this very file would shadow the trainer package.
+sys.path.insert(0, str(REPO))
 
 
 def synthetic_shards(folder: Path, n: int = 256, size: int = 96) -> str:
