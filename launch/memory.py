@@ -19,8 +19,6 @@ import sys
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 _SOURCE_LINE = re.compile(r"^\s*(?:slot\s+)?(\d+)\s+(\S.*?)\s*$")
 
 

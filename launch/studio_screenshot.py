@@ -14,8 +14,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 EXEMPLARS = ("astronaut.png", "rocket.jpg", "retina.jpg")
 WAIT_S = 300
 

@@ -38,7 +38,7 @@ from trainer.packs import (
     pack_bytes,
     read_pack,
 )
-from trainer.step import retrieve_color_feature
+from trainer.retrieval import retrieve_color_feature
 
 log = logging.getLogger(__name__)
 

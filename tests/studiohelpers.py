@@ -36,23 +36,25 @@ def tint_image(rgb: tuple[int, int, int], rng: np.random.Generator, size: tuple[
 def make_checkpoint(out_dir: Path, seed: int = 0, image_size: int = 32) -> Path:
     """A run folder with one checkpoint of debug-sized, untrained models (see the module docstring)."""
     from pccnet.color import NUM_BINS
-    from trainer.checkpoint import save_checkpoint
+    from pccnet.discriminator import PatchDiscriminator
+    from pccnet.extractor import MemoryExtractor
+    from trainer.checkpoint import save_checkpoint, trainable_state
     from trainer.config import load_config
     from trainer.images import image_to_sample
-    from trainer.models import build_discriminator, build_extractor, build_generator, trainable_state
+    from trainer.models import build_generator
 
     cfg = load_config(REPO / "configs" / "debug_cpu.yaml",
                       [f"run.out_dir={out_dir}", f"data.image_size={image_size}", "memory.capacity=32"])
     torch.manual_seed(seed)
-    gen = build_generator(cfg.model, loss=None)
+    gen = build_generator(cfg.model.generator, cfg.model.sampler)
     with torch.no_grad():
         head = gen.generator.mlp[-1]
         head.weight.normal_(0.0, 0.5)
         head.bias.normal_(0.0, 0.5)
-    extractor = build_extractor(cfg.model)
-    disc = build_discriminator(cfg.model)
+    extractor = MemoryExtractor(cfg.model.extractor)
+    disc = PatchDiscriminator(cfg.model.discriminator)
     rng = np.random.default_rng(seed)
-    m, dk = cfg.memory.capacity, cfg.model.extractor_dim
+    m, dk = cfg.memory.capacity, cfg.model.extractor.dim
     keys = rng.standard_normal((m, dk)).astype(np.float32)
     keys /= np.linalg.norm(keys, axis=1, keepdims=True)
     values = np.full((m, NUM_BINS), 1.0 / NUM_BINS, np.float32)

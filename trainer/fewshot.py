@@ -18,8 +18,8 @@ from PIL import Image
 from torch import nn
 
 from pccnet.color import NUM_BINS
-from trainer.data import item_id
 from trainer.images import image_to_sample
+from trainer.shards import item_id
 
 # Age of a freed slot: larger than any age a memory reaches in practice (one per update), so the
 # update rule's "largest age" choice takes freed slots before any written one.

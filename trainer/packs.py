@@ -112,13 +112,11 @@ def extractor_description(extractor: nn.Module, image_size: int) -> dict[str, An
 def checkpoint_identity(checkpoint: str | Path) -> tuple[str, dict[str, Any], str]:
     """(identity, extractor description, resolved checkpoint path) of a checkpoint's extractor."""
     from trainer.checkpoint import load_for_inference
-    from trainer.models import build_extractor, load_trainable_state
+    from trainer.inference import load_extractor
 
     state = load_for_inference(checkpoint, map_location="cpu")
-    cfg = state["config"]
-    extractor = build_extractor(cfg.model)
-    load_trainable_state(extractor, state["models"]["extractor"], "extractor")
-    size = cfg.data.image_size
+    extractor = load_extractor(state)
+    size = state["config"].data.image_size
     return extractor_identity(extractor, size), extractor_description(extractor, size), str(state["path"])
 
 
