@@ -5,7 +5,9 @@
         --memory tcp://127.0.0.1:5555 --memory-name flowers          # or: pccnet-colorize ...
     python launch/colorize.py --checkpoint runs/x --input gray/ --output out/ --memory flowers.pack
 
-Outputs are PNGs at each input's own resolution. Without --memory the checkpoint's own memory is
+Outputs are PNGs at each input's own resolution, the input tree mirrored below --output, with a
+manifest.csv (input, output, memory, slot, similarity); outputs already there are skipped unless
+--overwrite. Without --memory the checkpoint's own memory is
 served by a temporary embedded server; with it, the named memory on that running server is used, or a
 pack file (pccnet-memory pack export) served by an embedded server after its extractor identity is checked.
 """
@@ -26,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory", help="endpoint of a running memory server, or a memory pack file (served by "
                         "an embedded server; default: the checkpoint's own memory)")
     parser.add_argument("--memory-name", help="memory on that server (default: the checkpoint's, usually 'default')")
+    parser.add_argument("--overwrite", action="store_true", help="redo outputs that exist (default: skip them)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     args = parser.parse_args(argv)
@@ -37,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.inference import colorize_command
 
     return report_errors(lambda: colorize_command(args.checkpoint, args.input, args.output, args.memory,
-                                                  args.memory_name, args.batch_size, args.device), user_errors())
+                                                  args.memory_name, args.batch_size, args.device,
+                                                  args.overwrite), user_errors())
 
 
 if __name__ == "__main__":

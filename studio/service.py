@@ -38,7 +38,7 @@ from trainer.packs import (
     pack_bytes,
     read_pack,
 )
-from trainer.retrieval import retrieve_color_feature
+from trainer.retrieval import retrieve_answers
 
 log = logging.getLogger(__name__)
 
@@ -269,21 +269,15 @@ class Studio:
 
     def _retrieve(self, light: torch.Tensor, memory: str) -> tuple[torch.Tensor, dict[str, Any]]:
         info = self._info(memory)
-        queries = []
-
-        def extract(x: torch.Tensor) -> torch.Tensor:  # keeps the query to score the answering slot
-            q = self.colorizer.extractor(x)
-            queries.append(q)
-            return q
-
-        c, slots = retrieve_color_feature(extract, light, self.client, name=memory, capacity=int(info["capacity"]))
-        got = self.client.get(slots.astype(np.int64), memory=memory)
-        query = queries[0].float().cpu().numpy()
-        slot, item = int(slots[0]), int(got["item_ids"][0])
-        entry = self.registry.lookup(memory, slot, item) if item >= 0 else None
-        answer = {"slot": slot if item >= 0 else None, "similarity": round(float(query[0] @ got["keys"][0]), 4),
-                  "exemplar": (entry["name"] if entry else f"slot {slot}") if item >= 0 else None,
-                  "thumb": entry["thumb"] if entry else None, "palette": palette(got["values"][0])}
+        c, slots, sims, written = retrieve_answers(self.colorizer.extractor, light, self.client, name=memory,
+                                                   capacity=int(info["capacity"]))
+        slot = int(slots[0])
+        values = self.client.get(np.asarray([slot]), memory=memory)
+        item = int(values["item_ids"][0])
+        entry = self.registry.lookup(memory, slot, item) if written[0] else None
+        answer = {"slot": slot if written[0] else None, "similarity": round(float(sims[0]), 4),
+                  "exemplar": (entry["name"] if entry else f"slot {slot}") if written[0] else None,
+                  "thumb": entry["thumb"] if entry else None, "palette": palette(values["values"][0])}
         return c, answer
 
     def zip_results(self, items: list[tuple[str, str]]) -> Path:
