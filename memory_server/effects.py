@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .protocol import DTYPES, wire_dtype_name
+from .protocol import DTYPES, short_repr, wire_dtype_name
 
 
 @dataclass
@@ -123,7 +123,7 @@ def from_record(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> Effect
         names = _UPDATE_ARRAYS if kind == "update" else _PUT_ARRAYS
         cls = UpdateEffect if kind == "update" else PutEffect
         return cls(name, _field(header, "ver", int), req_id, *_arrays(arrays, names))
-    raise ValueError(f"unknown WAL record type {kind!r:.40}")
+    raise ValueError(f"unknown WAL record type {short_repr(kind)}")
 
 
 def decode_record_arrays(specs: Any, payload: memoryview, offset: int) -> dict[str, np.ndarray]:
@@ -134,7 +134,7 @@ def decode_record_arrays(specs: Any, payload: memoryview, offset: int) -> dict[s
     for spec in specs:
         if not (isinstance(spec, list) and len(spec) == 3 and isinstance(spec[0], str) and spec[1] in DTYPES
                 and isinstance(spec[2], list) and all(isinstance(d, int) and d >= 0 for d in spec[2])):
-            raise ValueError(f"record array spec {spec!r:.80} is not [name, dtype, shape]")
+            raise ValueError(f"record array spec {short_repr(spec)} is not [name, dtype, shape]")
         name, dtype_name, shape = spec
         dtype = DTYPES[dtype_name]
         n = dtype.itemsize

@@ -62,8 +62,9 @@ class Metrics:
         self.memory_bytes_total = Gauge("memsrv_memory_bytes_total", "Bytes all memories hold "
                                         "(--max-memory-bytes).", registry=r)
         self.memories = Gauge("memsrv_memories", "Memories held (--max-memories).", registry=r)
-        self.window_evictions = Gauge("memsrv_window_evictions_total", "Idempotency replies forgotten before "
-                                      "100,000 because of --max-memory-bytes.", registry=r)
+        self.window_evictions = Counter("memsrv_window_evictions_total", "Idempotency replies forgotten before "
+                                        "100,000 because of --max-memory-bytes.", registry=r)
+        self._evictions_seen = 0
         self._http: Any = None
         self.port: int | None = None
 
@@ -86,7 +87,9 @@ class Metrics:
         """Refresh the store-wide gauges."""
         self.memories.set(memories)
         self.memory_bytes_total.set(nbytes)
-        self.window_evictions.set(window_evictions)
+        if window_evictions > self._evictions_seen:
+            self.window_evictions.inc(window_evictions - self._evictions_seen)
+            self._evictions_seen = window_evictions
 
     def forget_memory(self, name: str) -> None:
         """Drop the per-memory series of a dropped memory."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .durability import DataDirUnusable, Durability, RecoveryError, RecoveryReport
 from .effects import from_record
-from .protocol import MemoryServerError
+from .protocol import MemoryServerError, short_repr
 from .snapshot import SnapshotCorrupt, complete_snapshots, load_snapshot, remove_path
 from .store import EffectInvalid, MemoryStore
 from .wal import (
@@ -109,11 +109,11 @@ def _replay_segment(store: MemoryStore, path: Path, seq: int, last: bool, lsn: i
                 raise RecoveryError(f"{where} follows the segment's seal")
             if header.get("t") == "seal":
                 if header.get("next") != seq + 1:
-                    raise RecoveryError(f"{where}: seal names segment {header.get('next')!r:.20}, not {seq + 1}")
+                    raise RecoveryError(f"{where}: seal names segment {short_repr(header.get('next'))}, not {seq + 1}")
                 sealed = True
                 continue
             if header.get("n") != lsn:
-                raise RecoveryError(f"{where} has sequence number {header.get('n')!r:.20} where {lsn} was expected: "
+                raise RecoveryError(f"{where} has sequence number {short_repr(header.get('n'))} where {lsn} was expected: "
                                     f"records are missing or repeated")
             try:
                 effect = from_record(header, arrays)

@@ -25,7 +25,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from .protocol import DTYPES, check_memory_name
+from .protocol import DTYPES, check_memory_name, short_repr
 from .store import PERSISTENT_ARRAYS, Memory, MemoryStore, WindowEntry, layout
 from .wal import fsync_dir
 
@@ -160,13 +160,13 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     if manifest.get("checksum") != _manifest_checksum(body):
         raise _bad(mpath, "checksum mismatch (the manifest was changed or damaged)")
     if body.get("format") != SNAPSHOT_FORMAT:
-        raise _bad(mpath, f"snapshot format {body.get('format')!r}, expected {SNAPSHOT_FORMAT}")
+        raise _bad(mpath, f"snapshot format {short_repr(body.get('format'))}, expected {SNAPSHOT_FORMAT}")
     return body
 
 
 def _int(x: Any, what: str, path: Path) -> int:
     if not isinstance(x, int) or isinstance(x, bool) or x < 0:
-        raise _bad(path, f"{what} is {x!r:.40}, not an int >= 0")
+        raise _bad(path, f"{what} is {short_repr(x)}, not an int >= 0")
     return x
 
 
@@ -174,7 +174,7 @@ def _read_section(f: Any, spec: Any, path: Path, mem_name: str, data_bytes: int)
     """One section, read at the current position of `f` (sections are contiguous) and checksummed."""
     if not (isinstance(spec, list) and len(spec) == 6 and isinstance(spec[0], str) and spec[1] in (*DTYPES, "float64")
             and isinstance(spec[2], list)):
-        raise _bad(path / MANIFEST, f"memory {mem_name!r}: malformed section entry {spec!r:.80}")
+        raise _bad(path / MANIFEST, f"memory {mem_name!r}: malformed section entry {short_repr(spec)}")
     name, dtype_name, shape, offset, nbytes, crc = spec
     dtype = np.dtype("<f8") if dtype_name == "float64" else DTYPES[dtype_name]
     shape = tuple(_int(d, f"{name} dimension", path / MANIFEST) for d in shape)
@@ -229,7 +229,7 @@ def _load_memory(f: Any, path: Path, entry: Any, data_bytes: int) -> Memory:
     try:
         check_memory_name(name)
     except Exception:
-        raise _bad(path / MANIFEST, f"memory name {name!r:.80} is invalid") from None
+        raise _bad(path / MANIFEST, f"memory name {short_repr(name)} is invalid") from None
     m, dk, dv = (_int(entry.get(k), k, path / MANIFEST) for k in ("capacity", "key_dim", "value_dim"))
     specs = entry.get("sections")
     if not isinstance(specs, list):

@@ -32,6 +32,7 @@ from .protocol import (
     NoSuchMemory,
     TooLarge,
     check_memory_name,
+    short_repr,
     valid_request_id,
 )
 
@@ -248,7 +249,7 @@ class Memory:
         """EffectInvalid unless `effect` applies to this memory exactly as planned (shapes, slots, version)."""
         _expect(effect.version == self.version + 1,
                 f"memory {self.name!r}: effect version {effect.version} does not follow version {self.version}")
-        _expect(valid_request_id(effect.req_id), f"effect request id {effect.req_id!r:.40} is not a valid id")
+        _expect(valid_request_id(effect.req_id), f"effect request id {short_repr(effect.req_id)} is not a valid id")
         m, dk, dv = self.shape
         if isinstance(effect, UpdateEffect):
             b_rows = effect.hit.shape[0] if isinstance(effect.hit, np.ndarray) else -1

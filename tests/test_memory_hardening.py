@@ -384,3 +384,24 @@ def test_d11_messages_render_a_bounded_prefix():
         mem._result("query", {"k": huge}, [("q", np.ones((1, 16), np.float32))])
     assert len(str(info.value)) < 300
     assert _Spy.rendered <= 10, f"{_Spy.rendered} elements rendered to build one error message"
+
+
+def test_d5_idempotency_windows_shrink_instead_of_passing_max_memory_bytes(tmp_path):
+    mem = _durable(tmp_path, mode="batch", max_memory_bytes=80 * 1024)  # one 64 KiB memory + ~16 KiB of windows
+    mem.create(8, 4, 3, seed=1)
+    q, v = np.eye(4, dtype=np.float32)[:2], np.ones((2, 3), np.float32)
+    for i in range(60):
+        assert mem.update(q, v, threshold=0.0, request_id=f"r{i}")["version"] == i + 1  # never refused
+    stats = mem.stats()
+    window = mem.store.memories["default"].window
+    assert stats["window_evictions"] > 0 and stats["memory_bytes"] <= 80 * 1024
+    assert "r59" in window and "r0" not in window
+    mem.close()
+    back = _durable(tmp_path, mode="batch", max_memory_bytes=80 * 1024)  # replay sheds the same entries
+    assert list(back.store.memories["default"].window) == list(window)
+
+
+@pytest.mark.parametrize("flags", [["--max-queue-bytes", "10"], ["--max-memories", "0"], ["--max-send-bytes", "-1"],
+                                   ["--capacity", "4"]])
+def test_bad_limit_flags_exit_2(flags):
+    assert cli.main(["--durability", "none", "--max-message-bytes", "100", *flags]) == 2
