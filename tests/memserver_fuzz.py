@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import math
 import struct
 import sys
@@ -440,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     from memserver_recovery_fuzz import RecoveryFuzz  # noqa: PLC0415
 
     deadline = time.monotonic() + 60 * args.minutes * (1 - args.recovery_share)
+    t0 = time.monotonic()
     totals = {"cases": 0, "ok": 0, "errors": 0, "no_reply": 0, "crashes": 0, "corruptions": 0, "violations": 0,
               "restarts": 0, "recovery_mismatches": 0}
     max_rss = 0
@@ -483,8 +485,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"{max_rss >> 20} MiB", flush=True)
         finally:
             srv.kill()
+        logging.getLogger("memory_server").setLevel(logging.CRITICAL)  # the history's injected snapshot failure
         rec_counts = RecoveryFuzz(Path(tmp) / "recovery").run_for(60 * args.minutes * args.recovery_share)
-    print("\nmake fuzz summary")
+    print(f"\nmake fuzz summary ({(time.monotonic() - t0) / 60:.1f} minutes)")
     print(f"  request fuzzer : {totals['cases']} cases ({totals['ok']} ok, {totals['errors']} error replies, "
           f"{totals['no_reply']} over-size frames dropped as documented), {totals['restarts']} restarts")
     print(f"                   crashes {totals['crashes']}, silent corruptions {totals['corruptions']}, recovery "
