@@ -109,7 +109,7 @@ class Tally:
     corruptions: int = 0
     failed_restarts: int = 0
     idempotency_lost: int = 0
-    snapshots_seen: int = 0
+    mid_snapshot: int = 0  # kills that found a snapshot being written (its tmp directory present)
     notes: list[str] = field(default_factory=list)
 
 
@@ -157,6 +157,7 @@ def campaign(mode: str, kills: int, seed: int, workdir: Path, log: Any = print) 
         time.sleep(float(rng.random()) * 0.02)  # lands mid-request, mid-fsync or mid-snapshot
         srv.kill()
         tally.kills += 1
+        tally.mid_snapshot += bool(list(data.glob("snap-*.tmp")))
         s.join(30)
         acked = s.results[:]
         tally.acked += len(acked)
@@ -208,7 +209,6 @@ def campaign(mode: str, kills: int, seed: int, workdir: Path, log: Any = print) 
                         not np.array_equal(again[k], first[k]) for k in ("hit", "slots") if k in first):
                     tally.idempotency_lost += 1
                     tally.notes.append(f"round {round_no}: resending {req.kwargs['request_id']} applied it again")
-        tally.snapshots_seen = max(tally.snapshots_seen, len(list(data.glob("snap-*"))))
         if (round_no + 1) % 20 == 0:
             log(f"  {mode}: {round_no + 1} kills, {tally.acked} acknowledged requests checked, lost {tally.lost}, "
                 f"corruptions {tally.corruptions}")
@@ -230,8 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\nmake crash-test summary")
     bad = 0
     for mode, t in results.items():
-        print(f"  {mode:6s}: {t.kills} kill -9, {t.acked} acknowledged requests compared bit for bit, "
-              f"in-flight request applied {t.in_flight_applied} times; acknowledged updates lost {t.lost}, "
+        print(f"  {mode:6s}: {t.kills} kill -9 ({t.mid_snapshot} while a snapshot was being written), {t.acked} "
+              f"acknowledged requests compared bit for bit, in-flight request applied {t.in_flight_applied} times; "
+              f"acknowledged updates lost {t.lost}, "
               f"silent corruptions {t.corruptions}, failed restarts {t.failed_restarts}, idempotency lost "
               f"{t.idempotency_lost}")
         for note in t.notes[:10]:
