@@ -42,14 +42,15 @@ class Outbox:
         self.metrics = metrics
         self.peers: dict[bytes, _Peer] = {}
         self.nbytes = 0
+        self.overflowing = False  # a reply was dropped for lack of room; cleared below half the bound
 
     def blocked(self, identity: bytes) -> bool:
         """True while replies to this peer are waiting here."""
         return identity in self.peers
 
     def full(self) -> bool:
-        """True when the waiting replies have reached --max-send-bytes."""
-        return self.nbytes >= self.max_bytes
+        """True when the waiting replies have reached --max-send-bytes (or one did not fit)."""
+        return self.overflowing or self.nbytes >= self.max_bytes
 
     def send(self, envelope: list[bytes], frames: list[Any], nbytes: int) -> bool:
         """Send now, or queue behind this peer's waiting replies; False when the reply had to be dropped."""
@@ -66,6 +67,7 @@ class Outbox:
                     raise
                 return self._dropped("peer gone")
         if self.nbytes + nbytes > self.max_bytes:
+            self.overflowing = True
             if self.metrics is not None:
                 self.metrics.refusals.labels("send_bytes").inc()
             return self._dropped(f"{self.nbytes} bytes already wait for slow peers (--max-send-bytes {self.max_bytes})")
@@ -85,6 +87,8 @@ class Outbox:
 
     def _add(self, n: int) -> None:
         self.nbytes += n
+        if self.nbytes <= self.max_bytes // 2:
+            self.overflowing = False
         if self.metrics is not None:
             self.metrics.send_bytes.set(self.nbytes)
 
