@@ -2,7 +2,7 @@
 
 A data dir holds `FORMAT`, `LOCK`, `snap-<seq>/` and `wal-<seq>.log` segments. Recovery checks, in
 order: the directory is usable (else DataDirUnusable, exit 2), its lock (DataDirLocked, exit 5), its
-FORMAT, the newest snapshot's checksums, that the segments run without a gap from the snapshot's
+FORMAT (a data dir of format 1, without one, is first upgraded by legacy.py), the newest snapshot's checksums, that the segments run without a gap from the snapshot's
 (from 1 without one), that closed segments are sealed and name their successor, that records carry
 consecutive sequence numbers, and that every record applies to the store (`MemoryStore.check`). Any
 failure is RecoveryError (exit 4) naming the file and byte; only a torn tail of the last segment is cut.
@@ -17,6 +17,7 @@ import os
 import time
 from pathlib import Path
 
+from . import legacy
 from .durability import DataDirUnusable, Durability, RecoveryError, RecoveryReport
 from .effects import from_record
 from .protocol import MemoryServerError, short_repr
@@ -166,6 +167,9 @@ def recover(dur: Durability, store: MemoryStore) -> RecoveryReport:
     d = dur.cfg.data_dir
     _usable_dir(d)
     dur.acquire_lock()
+    if not (d / FORMAT_FILE).exists() and legacy.is_format1(d):
+        legacy.upgrade(dur, store, _write_format)  # or RecoveryError (--no-upgrade, damage); then format 2
+    legacy.tidy(d)
     for p in d.glob("snap-*.tmp"):
         remove_path(p)  # an interrupted snapshot (file or directory): the previous one is still complete
     snaps, segs = complete_snapshots(d), dur.segments()
