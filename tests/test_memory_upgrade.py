@@ -28,7 +28,7 @@ from memserver_helpers import header_bytes, raw_request, running_server
 from memory_server.client import MemoryClient
 from memory_server.durability import RecoveryError
 from memory_server.launcher import ServerStartError
-from memory_server.legacy import LEGACY_DIR, STAGING, read_format1
+from memory_server.legacy import LEGACY_DIR, read_format1
 from memory_server.store import MemoryStore
 
 pytestmark = pytest.mark.integration
@@ -40,9 +40,9 @@ FIELDS = ("keys", "values", "ages", "item_ids")
 UPGRADED = "from format 1 to format 2"
 
 
-def _copy(tmp_path: Path) -> Path:
+def _copy(tmp_path: Path, which: str = "data") -> Path:
     d = tmp_path / "data"
-    shutil.copytree(ASSET / "data", d)
+    shutil.copytree(ASSET / which, d)
     return d
 
 
@@ -52,7 +52,20 @@ def _tree(root: Path, skip: tuple[str, ...] = ("LOCK",)) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file() and p.name not in skip}
 
 
+def _record_ends(path: Path) -> list[int]:
+    """End offsets of the records of a format-1 segment (u32 length, u32 crc, payload), parsed here."""
+    data, pos, ends = path.read_bytes(), 0, []
+    while pos < len(data):
+        pos += 8 + struct.unpack_from("<I", data, pos)[0]
+        ends.append(pos)
+    assert pos == len(data)
+    return ends
+
+
 OLD_TREE = _tree(ASSET / "data")
+# which asset: (its files, the old snapshot, format-1 records replayed, the new snapshot's number)
+ASSETS = {"data": (OLD_TREE, 3, sum(len(_record_ends(p)) for p in sorted((ASSET / "data").glob("wal-*.log"))), 5),
+          "data-clean": (_tree(ASSET / "data-clean"), 5, 0, 6)}
 
 
 def _check_state(endpoint: str) -> None:
@@ -84,13 +97,15 @@ def _check_window(endpoint: str) -> None:
     assert reply is not None and reply[0]["ok"] is False and reply[0]["error"]["code"] == "bad_request", reply
 
 
-def _check_layout(d: Path) -> None:
+def _check_layout(d: Path, which: str = "data") -> None:
+    tree, old_snapshot, records, new_seq = ASSETS[which]
     assert (d / "FORMAT").read_text().endswith("format 2\n")
-    assert not (d / STAGING).exists() and not (d / (STAGING + ".tmp")).exists()
-    assert _tree(d / LEGACY_DIR, skip=("UPGRADE.json",)) == OLD_TREE  # the old files, byte for byte
+    assert _tree(d / LEGACY_DIR, skip=("UPGRADE.json",)) == tree  # the old files, byte for byte
     record = json.loads((d / LEGACY_DIR / "UPGRADE.json").read_text())
-    assert record["records"] > 0 and record["old_snapshot"] == 3 and record["window_ids_dropped"] == 1
-    assert sorted(p.name for p in d.iterdir()) == ["FORMAT", "LOCK", LEGACY_DIR, "snap-00000005", "wal-00000005.log"]
+    assert (record["old_snapshot"], record["records"], record["new_seq"]) == (old_snapshot, records, new_seq)
+    assert record["window_ids_dropped"] == 1  # the put with a 300-byte id
+    assert sorted(p.name for p in d.iterdir()) == ["FORMAT", "LOCK", LEGACY_DIR, f"snap-{new_seq:08d}",
+                                                   f"wal-{new_seq:08d}.log"]  # no staging dir left
 
 
 def _run(d: Path, *flags: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
@@ -99,15 +114,16 @@ def _run(d: Path, *flags: str, timeout: float = 120.0) -> subprocess.CompletedPr
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
 
 
-def test_upgrade_reproduces_every_memory_and_window_then_restarts_as_format2(tmp_path):
-    d = _copy(tmp_path)
+@pytest.mark.parametrize("which", sorted(ASSETS))
+def test_upgrade_reproduces_every_memory_and_window_then_restarts_as_format2(tmp_path, which):
+    d = _copy(tmp_path, which)
     with running_server(d) as srv:
         log = srv.log_tail(20_000)
         assert UPGRADED in log and "'alpha' (48 slots" in log and "version 17" in log
         _check_state(srv.endpoint)
         _check_window(srv.endpoint)
         assert srv.stop() == 0
-    _check_layout(d)
+    _check_layout(d, which)
     with running_server(d) as srv:  # already upgraded: a plain format-2 start
         assert UPGRADED not in srv.log_tail(20_000)
         _check_state(srv.endpoint)
@@ -119,7 +135,7 @@ def test_upgrade_reproduces_every_memory_and_window_then_restarts_as_format2(tmp
         with MemoryClient(srv.endpoint, timeout_ms=60_000) as c:
             assert c.export(memory="alpha")["version"] == 18
         assert srv.stop() == 0
-    assert _tree(d / LEGACY_DIR, skip=("UPGRADE.json",)) == OLD_TREE
+    assert _tree(d / LEGACY_DIR, skip=("UPGRADE.json",)) == ASSETS[which][0]
 
 
 def test_no_upgrade_refuses_and_changes_nothing(tmp_path):
@@ -173,16 +189,6 @@ def _flip(path: Path, offset: int, mask: int = 0x10) -> None:
     data = bytearray(path.read_bytes())
     data[offset] ^= mask
     path.write_bytes(bytes(data))
-
-
-def _record_ends(path: Path) -> list[int]:
-    """End offsets of the records of a format-1 segment (u32 length, u32 crc, payload), parsed here."""
-    data, pos, ends = path.read_bytes(), 0, []
-    while pos < len(data):
-        pos += 8 + struct.unpack_from("<I", data, pos)[0]
-        ends.append(pos)
-    assert pos == len(data)
-    return ends
 
 
 MEM_DIR = "snap-00000003/mem-8ed3f6ad685b959ead70"

@@ -11,7 +11,9 @@ memories, runs updates and puts, drops one, takes a snapshot (snap-00000003), ru
 a create; then creates and drops a memory (the drop starts snapshot 4) and, while that snapshot is still
 open, runs more updates, exports every memory (expected.npz, expected.json) and kills the server with
 SIGKILL. `data/` is left as the crashed format-1 server left it: snap-00000003, wal-00000003.log (ending
-in the drop), wal-00000004.log and the incomplete snap-00000004.tmp. `resend` in expected.json lists acknowledged requests (with their
+in the drop), wal-00000004.log and the incomplete snap-00000004.tmp. `data-clean/` is a copy of it that
+the OLD server then recovered and stopped with SIGTERM (its final snapshot snap-00000005 and an empty
+wal-00000005.log): the same state, left the way most data dirs are found at an upgrade. `resend` in expected.json lists acknowledged requests (with their
 replies) that a client may retry: the upgraded server must answer them from its idempotency window.
 """
 
@@ -131,7 +133,13 @@ def main(out: Path) -> None:
     np.savez(out / "expected.npz", **expected, **arrays)
     (out / "expected.json").write_text(json.dumps({"memories": versions, "resend": resend,
                                                    "long_id": LONG_ID}, indent=1) + "\n")
-    print(sorted(p.relative_to(out).as_posix() for p in data.rglob("*")))
+    clean = out / "data-clean"
+    shutil.rmtree(clean, ignore_errors=True)
+    shutil.copytree(data, clean)
+    srv = start_server(clean, durability="always", extra_args=["--snapshot-mode", "sync"])
+    assert srv.stop() == 0
+    for d in (data, clean):
+        print(sorted(p.relative_to(out).as_posix() for p in d.iterdir()))
 
 
 if __name__ == "__main__":
