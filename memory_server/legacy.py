@@ -297,6 +297,8 @@ def _window1(d: Path, files: dict[str, int], version: int) -> list[tuple[Any, Wi
         raise _fail(d, "window ids, meta, hit and slots disagree in length")
     out, pos = [], 0
     for req_id, (ver, rows) in zip(ids, meta.tolist(), strict=True):
+        if not isinstance(req_id, (str, int)) or isinstance(req_id, bool):  # format 1 took only these
+            raise _fail(ids_path, f"window id {short_repr(req_id)} is not a str or int (damaged)")
         if not (1 <= ver <= version and rows >= -1 and pos + max(rows, 0) <= hit.size):
             raise _fail(d / "window_meta.npy", f"window entry of version {ver} with {rows} rows is impossible")
         if rows < 0:

@@ -167,9 +167,12 @@ def recover(dur: Durability, store: MemoryStore) -> RecoveryReport:
     d = dur.cfg.data_dir
     _usable_dir(d)
     dur.acquire_lock()
-    if not (d / FORMAT_FILE).exists() and legacy.is_format1(d):
-        legacy.upgrade(dur, store, _write_format)  # or RecoveryError (--no-upgrade, damage); then format 2
-    legacy.tidy(d)
+    try:
+        if not (d / FORMAT_FILE).exists() and legacy.is_format1(d):
+            legacy.upgrade(dur, store, _write_format)  # or RecoveryError (--no-upgrade, damage); then format 2
+        legacy.tidy(d)
+    except OSError as exc:  # unreadable old files, a full disk: a clear exit 4, the old files untouched
+        raise RecoveryError(f"upgrading {d} from format 1 failed: {exc}") from exc
     for p in d.glob("snap-*.tmp"):
         remove_path(p)  # an interrupted snapshot (file or directory): the previous one is still complete
     snaps, segs = complete_snapshots(d), dur.segments()
