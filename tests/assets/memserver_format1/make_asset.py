@@ -3,7 +3,8 @@
 Not run by the tests (it needs the old release). To remake it:
 
     git worktree add /tmp/old ad23129
-    cd /tmp/old && PYTHONPATH=/tmp/old python <repo>/tests/assets/memserver_format1/make_asset.py <repo>/tests/assets/memserver_format1
+    cd /tmp/old && PYTHONPATH=/tmp/old python <repo>/tests/assets/memserver_format1/make_asset.py \
+        <repo>/tests/assets/memserver_format1
     git worktree remove /tmp/old
 
 It starts the OLD server (durability always, fork snapshots held open 5 s before their rename), creates
@@ -13,8 +14,11 @@ open, runs more updates, exports every memory (expected.npz, expected.json) and 
 SIGKILL. `data/` is left as the crashed format-1 server left it: snap-00000003, wal-00000003.log (ending
 in the drop), wal-00000004.log and the incomplete snap-00000004.tmp. `data-clean/` is a copy of it that
 the OLD server then recovered and stopped with SIGTERM (its final snapshot snap-00000005 and an empty
-wal-00000005.log): the same state, left the way most data dirs are found at an upgrade. `resend` in expected.json lists acknowledged requests (with their
-replies) that a client may retry: the upgraded server must answer them from its idempotency window.
+wal-00000005.log): the same state, left the way most data dirs are found at an upgrade. `data-nosnap/`
+is a second server killed before it ever took a snapshot (one memory, `wal-00000001.log` only);
+its expected state is under `nosnap` in expected.json and `nosnap/...` in expected.npz. `resend` lists
+acknowledged requests (with their replies) that a client may retry: the upgraded server must answer
+them from its idempotency window.
 """
 
 from __future__ import annotations
@@ -130,15 +134,39 @@ def main(out: Path) -> None:
                               "value_dim": shape[2]}
     assert (data / "snap-00000004.tmp").is_dir(), "the kill must land inside snapshot 4"
     srv.kill()  # kill -9: no final snapshot; the WAL holds everything after snap-00000003
-    np.savez(out / "expected.npz", **expected, **arrays)
-    (out / "expected.json").write_text(json.dumps({"memories": versions, "resend": resend,
-                                                   "long_id": LONG_ID}, indent=1) + "\n")
     clean = out / "data-clean"
     shutil.rmtree(clean, ignore_errors=True)
     shutil.copytree(data, clean)
     srv = start_server(clean, durability="always", extra_args=["--snapshot-mode", "sync"])
     assert srv.stop() == 0
-    for d in (data, clean):
+    nosnap = out / "data-nosnap"
+    shutil.rmtree(nosnap, ignore_errors=True)
+    srv = start_server(nosnap, durability="always")
+    with MemoryClient(srv.endpoint, timeout_ms=30_000) as c:
+        c.create(20, 3, 3, seed=16, memory="solo")
+        stream = Stream(3, 3, seed=16)
+        for i in range(4):
+            payload = stream.update()
+            reply = c.update(**payload, memory="solo", request_id=i)  # int ids
+            if i == 2:
+                for k, a in payload.items():
+                    if isinstance(a, np.ndarray):
+                        expected[f"nosnap/resend/{k}"] = a
+                resend_nosnap = {"id": i, "args": {k: v for k, v in payload.items() if not isinstance(v, np.ndarray)},
+                                 "arrays": sorted(k for k, v in payload.items() if isinstance(v, np.ndarray)),
+                                 "reply": {"version": reply["version"], "hit": reply["hit"].tolist(),
+                                           "slots": reply["slots"].tolist()}}
+        c.put(**stream.put(20), memory="solo")
+        exp = c.export(memory="solo")
+        for k in ("keys", "values", "ages", "item_ids"):
+            expected[f"nosnap/solo/{k}"] = exp[k]
+    srv.kill()
+    np.savez(out / "expected.npz", **expected, **arrays)
+    (out / "expected.json").write_text(json.dumps({
+        "memories": versions, "resend": resend, "long_id": LONG_ID,
+        "nosnap": {"memories": {"solo": {"version": exp["version"], "capacity": 20, "key_dim": 3, "value_dim": 3}},
+                   "resend": resend_nosnap}}, indent=1) + "\n")
+    for d in (data, clean, nosnap):
         print(sorted(p.relative_to(out).as_posix() for p in d.iterdir()))
 
 
