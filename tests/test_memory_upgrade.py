@@ -62,13 +62,15 @@ def _record_ends(path: Path) -> list[int]:
     return ends
 
 
-OLD_TREE = _tree(ASSET / "data")
 def _records(which: str) -> int:
     return sum(len(_record_ends(p)) for p in (ASSET / which).glob("wal-*.log"))
 
 
+OLD_TREE = _tree(ASSET / "data")
+
 # which asset: (its files, the old snapshot, format-1 records replayed, the new snapshot's number)
-ASSETS = {"data": (OLD_TREE, 3, _records("data"), 5), "data-clean": (_tree(ASSET / "data-clean"), 5, 0, 6),
+ASSETS = {"data": (OLD_TREE, 3, _records("data"), 5),
+          "data-clean": (_tree(ASSET / "data-clean"), 5, _records("data-clean"), 6),
           "data-nosnap": (_tree(ASSET / "data-nosnap"), None, _records("data-nosnap"), 2)}
 
 
