@@ -167,6 +167,19 @@ def test_no_upgrade_refuses_and_changes_nothing(tmp_path):
         _check_state(srv.endpoint)
 
 
+def test_leftovers_of_the_old_servers_last_snapshot_are_kept_not_replayed(tmp_path):
+    """Killed between a snapshot's rename and its clean-up, the old server left an older snapshot and
+    segment beside the new ones: the newest snapshot wins, and the leftovers go to legacy-format-1 too."""
+    d = _copy(tmp_path)
+    shutil.copytree(d / "snap-00000003", d / "snap-00000002")
+    (d / "wal-00000002.log").write_bytes((d / "wal-00000004.log").read_bytes())  # never read: before snap 3
+    old = _tree(d)
+    with running_server(d) as srv:
+        _check_state(srv.endpoint)
+        assert srv.stop() == 0
+    assert _tree(d / LEGACY_DIR, skip=("UPGRADE.json",)) == old
+
+
 def _start_killed(d: Path, n: int) -> bool:
     """Start with a SIGKILL at upgrade step n; True when it was killed there, False when it got READY."""
     try:
