@@ -2,8 +2,8 @@
 
 A data dir holds `FORMAT`, `LOCK`, `snap-<seq>/` and `wal-<seq>.log` segments. Recovery checks, in
 order: the directory is usable (else DataDirUnusable, exit 2), its lock (DataDirLocked, exit 5), its
-FORMAT (a data dir of format 1, without one, is first upgraded by legacy.py), the newest snapshot's checksums, that the segments run without a gap from the snapshot's
-(from 1 without one), that closed segments are sealed and name their successor, that records carry
+FORMAT (a format-1 data dir, which has none, is first upgraded by legacy.py), the newest snapshot's
+checksums, that the segments run without a gap from the snapshot's (from 1 without one), that closed segments are sealed and name their successor, that records carry
 consecutive sequence numbers, and that every record applies to the store (`MemoryStore.check`). Any
 failure is RecoveryError (exit 4) naming the file and byte; only a torn tail of the last segment is cut.
 So a deleted snapshot, a deleted segment, a record deleted from the middle or a corrupted length all
@@ -171,7 +171,7 @@ def recover(dur: Durability, store: MemoryStore) -> RecoveryReport:
         if not (d / FORMAT_FILE).exists() and legacy.is_format1(d):
             legacy.upgrade(dur, store, _write_format)  # or RecoveryError (--no-upgrade, damage); then format 2
         legacy.tidy(d)
-    except OSError as exc:  # unreadable old files, a full disk: a clear exit 4, the old files untouched
+    except OSError as exc:  # unreadable old files, a full disk: a clear exit 4 (a restart resumes or redoes it)
         raise RecoveryError(f"upgrading {d} from format 1 failed: {exc}") from exc
     for p in d.glob("snap-*.tmp"):
         remove_path(p)  # an interrupted snapshot (file or directory): the previous one is still complete
