@@ -3,9 +3,9 @@
 A data dir holds `FORMAT`, `LOCK`, `snap-<seq>/` and `wal-<seq>.log` segments. Recovery checks, in
 order: the directory is usable (else DataDirUnusable, exit 2), its lock (DataDirLocked, exit 5), its
 FORMAT (a format-1 data dir, which has none, is first upgraded by legacy.py), the newest snapshot's
-checksums, that the segments run without a gap from the snapshot's (from 1 without one), that closed segments are sealed and name their successor, that records carry
-consecutive sequence numbers, and that every record applies to the store (`MemoryStore.check`). Any
-failure is RecoveryError (exit 4) naming the file and byte; only a torn tail of the last segment is cut.
+checksums, that the segments run without a gap from the snapshot's (from 1 without one), that closed
+segments are sealed and name their successor, that records carry consecutive sequence numbers, and
+that every record applies to the store (`MemoryStore.check`). Any failure is RecoveryError (exit 4) naming the file and byte; only a torn tail of the last segment is cut.
 So a deleted snapshot, a deleted segment, a record deleted from the middle or a corrupted length all
 refuse to start instead of serving less than was acknowledged.
 """
