@@ -6,8 +6,9 @@ FORMAT (a format-1 data dir, which has none, is first upgraded by legacy.py), th
 checksums, that the segments run without a gap from the snapshot's (from 1 without one), that closed
 segments are sealed and name their successor, that records carry consecutive sequence numbers, and
 that every record applies to the store (`MemoryStore.check`). Any failure is RecoveryError (exit 4)
-naming the file and byte; only a torn tail of the last segment is cut. So a deleted snapshot, a deleted segment, a record deleted from the middle or a corrupted length all
-refuse to start instead of serving less than was acknowledged.
+naming the file and byte; only a torn tail of the last segment is cut. So a deleted snapshot, a
+deleted segment, a record deleted from the middle or a corrupted length all refuse to start instead
+of serving less than was acknowledged.
 """
 
 from __future__ import annotations
