@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--snapshot-mode", choices=("fork", "sync"), default="fork",
                    help="fork: a child writes snapshots while serving continues; sync: in the loop")
     p.add_argument("--lock-timeout-s", type=float, default=10.0, help="wait this long for the data-dir lock")
+    p.add_argument("--no-upgrade", action="store_true",
+                   help="refuse (exit 4) a data dir of the previous format instead of upgrading it in place")
     p.add_argument("--curve-secret-key", type=Path, help="zmq.auth secret certificate of the server")
     p.add_argument("--curve-clients", type=Path, help="directory of authorised client public certificates")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without CURVE")
@@ -81,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     # ... make the next N snapshot forks fail with EAGAIN, the next N snapshot writes with ENOSPC.
     p.add_argument("--fault-fork-fail", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--fault-snapshot-fail", type=int, default=0, help=argparse.SUPPRESS)
+    # ... SIGKILL the server at step N of a format-1 upgrade (legacy.py).
+    p.add_argument("--fault-upgrade-kill-at", type=int, default=0, help=argparse.SUPPRESS)
     return p
 
 
@@ -140,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         snapshot_wal_bytes=args.snapshot_wal_bytes, snapshot_interval_s=args.snapshot_interval_s,
         fork_snapshots=args.snapshot_mode == "fork", snapshot_pause_s=args.fault_snapshot_pause_s,
         lock_timeout_s=args.lock_timeout_s, fault_fork_failures=args.fault_fork_fail,
-        fault_snapshot_failures=args.fault_snapshot_fail), metrics)
+        fault_snapshot_failures=args.fault_snapshot_fail, upgrade=not args.no_upgrade,
+        fault_upgrade_kill_at=args.fault_upgrade_kill_at), metrics)
     try:
         report = durability.open(store)
     except DataDirUnusable as exc:

@@ -66,6 +66,8 @@ class DurabilityConfig:
     batch_interval_s: float = 1.0
     fault_fork_failures: int = 0  # test hook: this many forks fail with EAGAIN
     fault_snapshot_failures: int = 0  # test hook: this many snapshot writes fail with ENOSPC midway
+    upgrade: bool = True  # upgrade a format-1 data dir on start (False: refuse it, exit 4)
+    fault_upgrade_kill_at: int = 0  # test hook: SIGKILL at this step of an upgrade (legacy.py)
 
 
 @dataclass

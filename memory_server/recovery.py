@@ -2,12 +2,13 @@
 
 A data dir holds `FORMAT`, `LOCK`, `snap-<seq>/` and `wal-<seq>.log` segments. Recovery checks, in
 order: the directory is usable (else DataDirUnusable, exit 2), its lock (DataDirLocked, exit 5), its
-FORMAT, the newest snapshot's checksums, that the segments run without a gap from the snapshot's
-(from 1 without one), that closed segments are sealed and name their successor, that records carry
-consecutive sequence numbers, and that every record applies to the store (`MemoryStore.check`). Any
-failure is RecoveryError (exit 4) naming the file and byte; only a torn tail of the last segment is cut.
-So a deleted snapshot, a deleted segment, a record deleted from the middle or a corrupted length all
-refuse to start instead of serving less than was acknowledged.
+FORMAT (a format-1 data dir, which has none, is first upgraded by legacy.py), the newest snapshot's
+checksums, that the segments run without a gap from the snapshot's (from 1 without one), that closed
+segments are sealed and name their successor, that records carry consecutive sequence numbers, and
+that every record applies to the store (`MemoryStore.check`). Any failure is RecoveryError (exit 4)
+naming the file and byte; only a torn tail of the last segment is cut. So a deleted snapshot, a
+deleted segment, a record deleted from the middle or a corrupted length all refuse to start instead
+of serving less than was acknowledged.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import time
 from pathlib import Path
 
+from . import legacy
 from .durability import DataDirUnusable, Durability, RecoveryError, RecoveryReport
 from .effects import from_record
 from .protocol import MemoryServerError, short_repr
@@ -166,6 +168,12 @@ def recover(dur: Durability, store: MemoryStore) -> RecoveryReport:
     d = dur.cfg.data_dir
     _usable_dir(d)
     dur.acquire_lock()
+    try:
+        if not (d / FORMAT_FILE).exists() and legacy.is_format1(d):
+            legacy.upgrade(dur, store, _write_format)  # or RecoveryError (--no-upgrade, damage); then format 2
+        legacy.tidy(d)
+    except OSError as exc:  # unreadable old files, a full disk: a clear exit 4 (a restart resumes or redoes it)
+        raise RecoveryError(f"upgrading {d} from format 1 failed: {exc}") from exc
     for p in d.glob("snap-*.tmp"):
         remove_path(p)  # an interrupted snapshot (file or directory): the previous one is still complete
     snaps, segs = complete_snapshots(d), dur.segments()
