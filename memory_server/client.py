@@ -38,6 +38,8 @@ from .protocol import (
     decode_arrays,
     encode_frames,
     error_from_code,
+    id_problem,
+    valid_request_id,
     request_header,
     short_repr,
     unpack_header,
@@ -256,6 +258,10 @@ class MemoryClient(MemoryApi):
         if self._ctx is None:
             raise MemoryUnavailable(f"client for {self.endpoint} is closed")
         req_id = f"{self._prefix}-{next(self._ids)}" if req_id is None else req_id
+        if not valid_request_id(req_id):
+            # The server could not echo such an id, so its error reply would never match: refuse it here.
+            raise BadRequest(f"request_id must be an int64 or a str of at most 256 UTF-8 bytes, got "
+                             f"{id_problem(req_id)}")
         self.last_request_id = req_id
         frames = encode_frames(request_header(op, req_id, memory, args), arrays)
         t0 = time.monotonic()

@@ -234,3 +234,18 @@ def test_d10_a_retried_drop_whose_first_reply_was_lost_succeeds():
         with MemoryClient(srv.endpoint, timeout_ms=30_000) as c2:
             assert "x" not in c2.info()["memories"]
         assert srv.stop() == 0
+
+
+def test_client_refuses_a_request_id_the_server_could_not_echo(small):
+    # The server answers such a request with id null, which the client could never match: it used to
+    # wait through every retry and raise MemoryUnavailable. Now it is refused before anything is sent.
+    from memory_server.protocol import BadRequest
+
+    q = np.ones((1, 64), np.float32)
+    v = np.full((1, 32), 1 / 32, np.float32)
+    with MemoryClient(small.endpoint, timeout_ms=60_000, retries=3) as mem:
+        for bad in ("x" * 257, 2**63, 1.5):
+            with pytest.raises(BadRequest, match="request_id"):
+                mem.update(q, v, threshold=0.0, request_id=bad)
+        assert mem.timeouts == 0  # refused locally, never sent and waited for
+        assert mem.update(q, v, threshold=0.0, request_id="y" * 256)["hit"].shape == (1,)
