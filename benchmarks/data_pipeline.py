@@ -27,15 +27,14 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "launch")]
+# Run as a script, this folder comes first on sys.path and its trainer.py would shadow the trainer package.
+sys.path.insert(0, str(REPO))
 
-from make_shards import write_shards  # noqa: E402
-
-import trainer.data as data  # noqa: E402
 import trainer.images as images  # noqa: E402
 from pccnet.color import color_distribution, normalize_ab, normalize_light, rgb_to_lab  # noqa: E402
 from trainer.config import DataConfig  # noqa: E402
-from trainer.data import _shard_samples, expand_pattern, item_id, make_train_loader  # noqa: E402
+from trainer.data import _shard_samples, expand_pattern, make_train_loader  # noqa: E402
+from trainer.shards import item_id, write_shards  # noqa: E402
 
 BATCH = 8
 WARMUP_BATCHES = 3  # per run, not timed: worker start-up and the shuffle buffer's first fill
@@ -121,17 +120,14 @@ def timed_rate(batches, n_batches: int, clock=time.perf_counter) -> float:
 
 def pipeline_rate(pattern: str, size: int, workers: int, n_batches: int, clock=time.perf_counter,
                   warm_batches: int = 0) -> float:
-    """Training-loader images/s; the sample cache is off unless warm_batches > 0 (then: warm it first)."""
+    """Training-loader images/s; the sample cache (data.cache_mb) is off unless warm_batches > 0 (then: warm it
+    first, at the default size)."""
     cfg = DataConfig(train=pattern, image_size=size, batch_size=BATCH, workers=workers, flip=True,
-                     shuffle_buffer=64, epoch_batches=10**6)
-    saved, data.CACHE_MB = data.CACHE_MB, (data.CACHE_MB if warm_batches else 0)
-    try:
-        with make_train_loader(cfg, 0, 1, seed=0) as loader:
-            for _ in range(warm_batches):
-                next(loader)
-            return timed_rate(loader, n_batches, clock)
-    finally:
-        data.CACHE_MB = saved
+                     shuffle_buffer=64, cache_mb=DataConfig.cache_mb if warm_batches else 0)
+    with make_train_loader(cfg, 0, 1, seed=0) as loader:
+        for _ in range(warm_batches):
+            next(loader)
+        return timed_rate(loader, n_batches, clock)
 
 
 def baseline_rate(files: list[Path], size: int, workers: int, n_batches: int, clock=time.perf_counter) -> float:
@@ -324,6 +320,13 @@ def run(quick: bool, n_images: int | None, source: str) -> dict:
     return results
 
 
+def _table(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """A Markdown table after a blank line and its title; the first column left-aligned, the rest right."""
+    print(f"\n{title}\n| " + " | ".join(header) + " |\n|---|" + "---:|" * (len(header) - 1))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
 def print_tables(results: dict) -> None:
     print(f"\nimages/s (wall clock, median of rounds), {results['images']}, batch {BATCH}:")
     print("| size | workers | pipeline (cold) | folder baseline | ratio | cold, all-pixel feature | its ratio "
@@ -340,18 +343,12 @@ def print_tables(results: dict) -> None:
     for size, c in results["cpu"].items():
         print(f"| {size} | {c['pipeline']:.2f} | {c['baseline']:.2f} | {c['baseline'] / c['pipeline']:.2f}x |")
     for size, rows in results["stages"].items():
-        print(f"\nCPU ms per image by stage at {size} px (one thread, best of {REPEATS}):")
-        print("| stage | pipeline | baseline |")
-        print("|---|---:|---:|")
-        for name, p, b in rows:
-            print(f"| {name} | {p:.2f} | {b:.2f} |")
-        print(f"| total | {sum(r[1] for r in rows):.2f} | {sum(r[2] for r in rows):.2f} |")
+        _table(f"CPU ms per image by stage at {size} px (one thread, best of {REPEATS}):", ("stage", "pipeline", "baseline"),
+               [(name, f"{p:.2f}", f"{b:.2f}") for name, p, b in rows]
+               + [("total", f"{sum(r[1] for r in rows):.2f}", f"{sum(r[2] for r in rows):.2f}")])
     for size, rows in results["precompute"].items():
-        print(f"\nprecompute options at {size} px: CPU ms per image (one thread), bytes per sample in the shard:")
-        print("| option | CPU ms/img | bytes/sample |")
-        print("|---|---:|---:|")
-        for name, ms, nbytes in rows:
-            print(f"| {name} | {ms:.3f} | {nbytes:,.0f} |")
+        _table(f"precompute options at {size} px: CPU ms per image (one thread), bytes per sample in the shard:",
+               ("option", "CPU ms/img", "bytes/sample"), [(name, f"{ms:.3f}", f"{n:,.0f}") for name, ms, n in rows])
     train = results["train_rate"]
     print("\npipeline rate / phase-2 training consumption (CPU config: 64 px, batch 8, width 32):")
     print("| workers | pipeline img/s | training img/s | ratio |")

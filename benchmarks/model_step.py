@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# Run as a script, this folder comes first on sys.path and its trainer.py would shadow the trainer package.
 sys.path.insert(0, str(REPO))
 
 
@@ -25,15 +26,17 @@ def _make_step(image_size: int, batch_size: int, width: int, device: str, bf16: 
     import torch
     from accelerate import Accelerator
 
-    from trainer.config import LossConfig, ModelConfig, Phase1Config
-    from trainer.models import build_discriminator, build_generator
+    from pccnet.config import DiscriminatorConfig, GeneratorConfig, SamplerConfig
+    from pccnet.discriminator import PatchDiscriminator
+    from trainer.config import LossConfig, Phase1Config
+    from trainer.models import build_generator
     from trainer.step import StepContext, gan_step
 
     acc = Accelerator(cpu=device == "cpu", mixed_precision="bf16" if bf16 else "no")
-    model = ModelConfig(width=width, d_width=min(64, max(8, 2 * width)))
     loss = LossConfig()
     torch.manual_seed(0)
-    gen, disc = build_generator(model, loss), build_discriminator(model)
+    gen = build_generator(GeneratorConfig(width=width), SamplerConfig())
+    disc = PatchDiscriminator(DiscriminatorConfig(width=min(64, max(8, 2 * width))))
     opt_g = torch.optim.Adam(gen.parameters(), lr=2e-4, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(disc.parameters(), lr=2e-4, betas=(0.5, 0.999))
     gen, disc, opt_g, opt_d = acc.prepare(gen, disc, opt_g, opt_d)

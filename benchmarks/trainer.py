@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+# Run as a script, this folder comes first on sys.path and this very file would shadow the trainer package.
 sys.path.insert(0, str(REPO))
 
 

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from launch.common import report_errors
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,40 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.images < 2:
         parser.error(f"--images must be at least 2, got {args.images}")
 
-    import torch
-    from tqdm import tqdm
+    from trainer.config import load_config
+    from trainer.evaluation import calibrate_threshold, calibration_report
 
-    from pccnet.color import NUM_BINS
-    from pccnet.losses import kl_divergence
-    from trainer.config import ConfigError, load_config
-    from trainer.data import DataError, make_eval_loader
-
-    try:
-        cfg = load_config(args.config, args.overrides)
-        cfg.data.batch_size = 64
-        # Every training image is read and a random subset paired: shards are often in class order.
-        feats = [b["color_feature"].double() for b in tqdm(make_eval_loader(cfg.data.train, cfg.data, 0, 1),
-                                                            desc="colour features", unit="batch")]
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    v = torch.cat(feats) if feats else torch.zeros(0, NUM_BINS, dtype=torch.float64)
-    if v.shape[0] < 2:
-        print(f"error: {cfg.data.train} holds {v.shape[0]} image(s); pairs need at least 2", file=sys.stderr)
-        return 2
-    n_all = v.shape[0]
-    v = v[torch.randperm(n_all, generator=torch.Generator().manual_seed(0))[: args.images]]
-    kl = kl_divergence(v[None], v[:, None])  # [n, n]: stored value j against query i
-    pairs = kl[~torch.eye(v.shape[0], dtype=torch.bool)]
-    threshold = float(pairs.quantile(args.positive_rate))
-    print(f"{v.shape[0]} of {n_all} training images, {pairs.numel()} ordered pairs, KL in nats")
-    print("| quantile | " + " | ".join(f"{q:g}" for q in (0.05, 0.1, 0.15, 0.2, 0.5)) + " |")
-    print("| --- " * 6 + "|")
-    print("| KL | " + " | ".join(f"{float(pairs.quantile(q)):.3f}" for q in (0.05, 0.1, 0.15, 0.2, 0.5)) + " |")
-    print(f"configured phase1.threshold {cfg.phase1.threshold:g}: "
-          f"{float((pairs < cfg.phase1.threshold).double().mean()):.1%} of pairs positive")
-    print(f"phase1.threshold for {args.positive_rate:.0%} positive pairs: {threshold:.3f}")
-    return 0
+    return report_errors(lambda: print(calibration_report(calibrate_threshold(
+        load_config(args.config, args.overrides), args.images, args.positive_rate))), (ValueError,))
 
 
 if __name__ == "__main__":

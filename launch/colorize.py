@@ -2,7 +2,7 @@
 
     python launch/colorize.py --checkpoint runs/x --input photos/ 'more/*.jpg' --output out/
     python launch/colorize.py --checkpoint runs/x --input gray/ --output out/ \
-        --memory tcp://127.0.0.1:5555 --memory-name flowers
+        --memory tcp://127.0.0.1:5555 --memory-name flowers          # or: pccnet-colorize ...
 
 Outputs are PNGs at each input's own resolution. Without --memory the checkpoint's own memory is
 served by a temporary embedded server; with it, the named memory on that running server is used.
@@ -12,24 +12,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from PIL import Image  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-
-def output_names(paths: list[Path]) -> list[str]:
-    """<stem>.png per input; inputs sharing a stem get _1, _2, ... so nothing is overwritten."""
-    used: dict[str, int] = {}
-    names = []
-    for p in paths:
-        stem = p.stem
-        n = used.get(stem, 0)
-        used[stem] = n + 1
-        names.append(f"{stem}.png" if n == 0 else f"{stem}_{n}.png")
-    return names
+from launch.common import report_errors, user_errors
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,42 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory_name and not args.memory:
         parser.error("--memory-name needs --memory (the checkpoint's own memory has a single name)")
 
-    from trainer.images import load_rgb
-    from trainer.inference import USER_ERRORS, Colorizer, expand_inputs
+    from trainer.inference import colorize_command
 
-    try:
-        paths = expand_inputs(args.input)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    names = output_names(paths)
-    failed = []
-    try:
-        col = Colorizer(args.checkpoint, device=args.device, memory=args.memory, memory_name=args.memory_name)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    with col:
-        bar = tqdm(total=len(paths), desc="colorize", unit="img")
-        for start in range(0, len(paths), args.batch_size):
-            chunk = list(range(start, min(len(paths), start + args.batch_size)))
-            images, ok = [], []
-            for i in chunk:
-                try:
-                    images.append(load_rgb(paths[i], background=col.background))
-                    ok.append(i)
-                except Exception as e:  # report unreadable inputs by name and go on with the rest
-                    failed.append((paths[i], str(e)))
-            for i, arr in zip(ok, col.colorize_images(images)):
-                Image.fromarray(arr).save(out_dir / names[i])
-            bar.update(len(chunk))
-        bar.close()
-    for path, why in failed:
-        print(f"skipped {path}: {why}", file=sys.stderr)
-    print(f"colorized {len(paths) - len(failed)} of {len(paths)} images into {out_dir}")
-    return 1 if failed and len(failed) == len(paths) else 0
+    return report_errors(lambda: colorize_command(args.checkpoint, args.input, args.output, args.memory,
+                                                  args.memory_name, args.batch_size, args.device), user_errors())
 
 
 if __name__ == "__main__":

@@ -22,10 +22,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from launch.common import module_command, run_step
 
-from launch.common import run_step  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 # Photos scikit-image ships in its wheel, with their licences (skimage.data docstrings).
 PHOTOS = {
@@ -89,14 +88,9 @@ def comparison_sheet(originals: list[Path], colorized: list[Path], out: Path, he
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="demo", help="working folder (default: demo/, git-ignored)")
-    parser.add_argument("--phase1-steps", type=int, default=None, help="override configs/demo.yaml")
-    parser.add_argument("--phase2-steps", type=int, default=None, help="override configs/demo.yaml")
-    args = parser.parse_args(argv)
+def run_demo(out: Path, phase1_steps: int | None, phase2_steps: int | None) -> int:
+    """Crops -> shards -> both training phases -> colorized held-out photos and a comparison sheet."""
     t_start = time.perf_counter()
-    out = (REPO / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
     if out.exists():
         shutil.rmtree(out)  # the demo always starts clean; its folder holds nothing else
     photos = skimage_photos()
@@ -105,26 +99,31 @@ def main(argv: list[str] | None = None) -> int:
     print(f"demo: {len(train)} training photos, {len(held)} held out ({', '.join(HELD_OUT)}), from scikit-image")
     n = write_crops(train, out / "crops")
     print(f"demo: {n} training crops of {CROP_SIZE}x{CROP_SIZE} in {out / 'crops'}")
-    py = sys.executable
-    run_step([py, "launch/make_shards.py", "--input", str(out / "crops"), "--output", str(out / "shards"),
-         "--prefix", "train", "--samples-per-shard", "64"], "making shards")
+    run_step(module_command("make_shards", "--input", out / "crops", "--output", out / "shards", "--prefix", "train",
+                            "--samples-per-shard", "64"), "making shards", cwd=REPO)
     shards = sorted((out / "shards").glob("train-*.tar"))
-    pattern = str(out / "shards" / f"train-{{000000..{len(shards) - 1:06d}}}.tar")
-    overrides = [f"data.train={pattern}", f"run.out_dir={out / 'run'}"]
-    if args.phase1_steps is not None:
-        overrides.append(f"phase1.steps={args.phase1_steps}")
-    if args.phase2_steps is not None:
-        overrides.append(f"phase2.steps={args.phase2_steps}")
-    run_step([py, "launch/train.py", "--config", "configs/demo.yaml", "--resume", "none", *overrides], "training")
-    run_step([py, "launch/colorize.py", "--checkpoint", str(out / "run"), "--input", *map(str, held),
-         "--output", str(out / "colorized")], "colorizing")
-    colorized = [out / "colorized" / f"{p.stem}.png" for p in held]
-    sheet = comparison_sheet(held, colorized, out / "comparison.png")
+    overrides = [f"data.train={out / 'shards'}/train-{{000000..{len(shards) - 1:06d}}}.tar", f"run.out_dir={out / 'run'}"]
+    overrides += [f"phase{i}.steps={s}" for i, s in ((1, phase1_steps), (2, phase2_steps)) if s is not None]
+    run_step(module_command("train", "--config", "configs/demo.yaml", "--resume", "none", *overrides), "training",
+             cwd=REPO)
+    run_step(module_command("colorize", "--checkpoint", out / "run", "--input", *held, "--output", out / "colorized"),
+             "colorizing", cwd=REPO)
+    sheet = comparison_sheet(held, [out / "colorized" / f"{p.stem}.png" for p in held], out / "comparison.png")
     print(f"\ndemo finished in {time.perf_counter() - t_start:.0f} s")
     print(f"  colorized held-out photos: {out / 'colorized'}")
     print(f"  gray | PCCNet | original:  {sheet}")
     print(f"  training run (checkpoints, samples, stats.jsonl, loss_curves.png): {out / 'run'}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="demo", help="working folder (default: demo/, git-ignored)")
+    parser.add_argument("--phase1-steps", type=int, default=None, help="override configs/demo.yaml")
+    parser.add_argument("--phase2-steps", type=int, default=None, help="override configs/demo.yaml")
+    args = parser.parse_args(argv)
+    out = (REPO / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
+    return run_demo(out, args.phase1_steps, args.phase2_steps)
 
 
 if __name__ == "__main__":

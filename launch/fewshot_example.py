@@ -17,10 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from launch.common import run_step  # noqa: E402
+from launch.common import module_command, run_step
 
 
 def load_128(path: Path):
@@ -32,6 +29,69 @@ def load_128(path: Path):
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)
 
 
+def score(tests: list[Path], out: Path) -> tuple[dict, list]:
+    """PSNR, LPIPS and colourfulness at 128 px of both colorizations against the originals; sheet columns."""
+    import torch
+
+    from pccnet import metrics
+
+    real = torch.stack([load_128(f) for f in tests])
+    rows, columns = {}, [("gray", real.mean(1, keepdim=True).expand(-1, 3, -1, -1))]
+    for label, folder in (("checkpoint's own memory", "own_memory"), ("few-shot memory", "fewshot_memory")):
+        pred = torch.stack([load_128(out / folder / f"{f.stem}.png") for f in tests])
+        rows[label] = {"psnr": float(metrics.psnr(pred, real).mean()), "lpips": float(metrics.lpips(pred, real).mean()),
+                       "colorfulness": float(metrics.colorfulness(pred).mean())}
+        columns.append((label, pred))
+    rows["original"] = {"colorfulness": float(metrics.colorfulness(real).mean())}
+    columns.append(("original", real))
+    return rows, columns
+
+
+def save_sheet(columns: list, n: int, path: Path) -> None:
+    """One 128-px tile per test image (rows) and column, 4 px apart."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    tiles = [(c.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy() for _, c in columns]
+    sheet = np.full((n * 132, len(tiles) * 132, 3), 255, np.uint8)
+    for j, t in enumerate(tiles):
+        for i in range(n):
+            sheet[i * 132:i * 132 + 128, j * 132:j * 132 + 128] = t[i]
+    Image.fromarray(sheet).save(path)
+
+
+def run_example(checkpoint: str, shots_glob: str, out: Path, name: str, n_shots: int, n_test: int) -> int:
+    """Memorize the shots on a fresh server, colorize the tests with both memories, score, print a table."""
+    from memory_server.launcher import start_server
+
+    files = sorted(Path(p) for p in glob.glob(shots_glob))
+    if len(files) < n_shots + n_test:
+        raise SystemExit(f"{shots_glob!r} matches {len(files)} images; need {n_shots + n_test}")
+    shots, tests = files[:n_shots], files[n_shots:n_shots + n_test]
+    for folder, chosen in (("shots", shots), ("test", tests)):
+        (out / folder).mkdir(parents=True, exist_ok=True)
+        for f in chosen:
+            (out / folder / f.name).write_bytes(f.read_bytes())
+    with start_server(out / "memory", bind="tcp://127.0.0.1:0") as server:
+        run_step(module_command("memorize", "--checkpoint", checkpoint, "--memory", server.endpoint, "--name", name,
+                                "--input", out / "shots"), "memorize")
+        run_step(module_command("colorize", "--checkpoint", checkpoint, "--input", out / "test", "--output",
+                                out / "own_memory"), "colorize with the checkpoint's memory")
+        run_step(module_command("colorize", "--checkpoint", checkpoint, "--input", out / "test", "--output",
+                                out / "fewshot_memory", "--memory", server.endpoint, "--memory-name", name),
+                 "colorize with the few-shot memory")
+    rows, columns = score(tests, out)
+    (out / "scores.json").write_text(json.dumps(rows, indent=2) + "\n")
+    save_sheet(columns, len(tests), out / "sheet.png")
+    print("\n| memory used | PSNR | LPIPS | colourfulness |\n| --- | --- | --- | --- |")
+    for label, r in rows.items():
+        print(f"| {label} | {r.get('psnr', float('nan')):.2f} | {r.get('lpips', float('nan')):.4f} | "
+              f"{r['colorfulness']:.2f} |")
+    print(f"\nsheet (gray | own memory | few-shot memory | original): {out / 'sheet.png'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
@@ -41,56 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-shots", type=int, default=8)
     parser.add_argument("--n-test", type=int, default=6)
     args = parser.parse_args(argv)
-
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from memory_server.launcher import start_server
-    from pccnet import metrics
-
-    files = sorted(Path(p) for p in glob.glob(args.shots))
-    if len(files) < args.n_shots + args.n_test:
-        raise SystemExit(f"{args.shots!r} matches {len(files)} images; need {args.n_shots + args.n_test}")
-    shots, tests = files[:args.n_shots], files[args.n_shots:args.n_shots + args.n_test]
-    out = Path(args.out)
-    (out / "shots").mkdir(parents=True, exist_ok=True)
-    (out / "test").mkdir(parents=True, exist_ok=True)
-    for f in shots:
-        (out / "shots" / f.name).write_bytes(f.read_bytes())
-    for f in tests:
-        (out / "test" / f.name).write_bytes(f.read_bytes())
-    py = sys.executable
-    with start_server(out / "memory", bind="tcp://127.0.0.1:0") as server:
-        run_step([py, "launch/memorize.py", "--checkpoint", args.checkpoint, "--memory", server.endpoint,
-                  "--name", args.name, "--input", str(out / "shots")], "memorize")
-        run_step([py, "launch/colorize.py", "--checkpoint", args.checkpoint, "--input", str(out / "test"),
-                  "--output", str(out / "own_memory")], "colorize with the checkpoint's memory")
-        run_step([py, "launch/colorize.py", "--checkpoint", args.checkpoint, "--input", str(out / "test"),
-                  "--output", str(out / "fewshot_memory"), "--memory", server.endpoint,
-                  "--memory-name", args.name], "colorize with the few-shot memory")
-    real = torch.stack([load_128(f) for f in tests])
-    rows, sheet_cols = {}, [("gray", real.mean(1, keepdim=True).expand(-1, 3, -1, -1))]
-    for label, folder in (("checkpoint's own memory", "own_memory"), ("few-shot memory", "fewshot_memory")):
-        pred = torch.stack([load_128(out / folder / f"{f.stem}.png") for f in tests])
-        rows[label] = {"psnr": float(metrics.psnr(pred, real).mean()), "lpips": float(metrics.lpips(pred, real).mean()),
-                       "colorfulness": float(metrics.colorfulness(pred).mean())}
-        sheet_cols.append((label, pred))
-    rows["original"] = {"colorfulness": float(metrics.colorfulness(real).mean())}
-    sheet_cols.append(("original", real))
-    (out / "scores.json").write_text(json.dumps(rows, indent=2) + "\n")
-    tiles = [(c.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy() for _, c in sheet_cols]
-    sheet = np.full((len(tests) * 132, len(tiles) * 132, 3), 255, np.uint8)
-    for j, t in enumerate(tiles):
-        for i in range(len(tests)):
-            sheet[i * 132:i * 132 + 128, j * 132:j * 132 + 128] = t[i]
-    Image.fromarray(sheet).save(out / "sheet.png")
-    print("\n| memory used | PSNR | LPIPS | colourfulness |\n| --- | --- | --- | --- |")
-    for label, r in rows.items():
-        print(f"| {label} | {r.get('psnr', float('nan')):.2f} | {r.get('lpips', float('nan')):.4f} | "
-              f"{r['colorfulness']:.2f} |")
-    print(f"\nsheet (gray | own memory | few-shot memory | original): {out / 'sheet.png'}")
-    return 0
+    return run_example(args.checkpoint, args.shots, Path(args.out), args.name, args.n_shots, args.n_test)
 
 
 if __name__ == "__main__":

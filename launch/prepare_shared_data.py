@@ -17,8 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_shards import ShardError, write_shards  # noqa: E402 - the sibling launch script
+from trainer.shards import ShardError, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,24 +72,18 @@ def _up_to_date(out: Path, prefix: str) -> dict | None:
         return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shared", default=None, help="shared data folder (default: ../shared/data)")
-    parser.add_argument("--output", default=str(REPO / "data" / "shards"), help="default: data/shards/")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
-    parser.add_argument("--force", action="store_true", help="rebuild sets that already exist")
-    args = parser.parse_args(argv)
-    shared = shared_data_dir(args.shared)
+def prepare(shared: Path, output: Path, workers: int, force: bool) -> int:
+    """Build (or check) every split under `output`; print one summary table. 1 when a split fails."""
     rows = []
     for split in _splits():
-        out = Path(args.output) / split.name
-        manifest = None if args.force else _up_to_date(out, split.prefix)
+        out = output / split.name
+        manifest = None if force else _up_to_date(out, split.prefix)
         status = "exists"
         started = time.perf_counter()
         if manifest is None:
             try:
                 manifest = write_shards([str(shared / split.list_file)], out, split.prefix,
-                                        split.samples_per_shard, 1 << 30, args.workers,
+                                        split.samples_per_shard, 1 << 30, workers,
                                         root=str(shared / split.root), progress=sys.stderr.isatty())
             except ShardError as exn:
                 print(f"prepare_shared_data: {split.name}/{split.prefix}: {exn}", file=sys.stderr)
@@ -106,6 +99,16 @@ def main(argv: list[str] | None = None) -> int:
     for row in [header, *rows]:
         print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shared", default=None, help="shared data folder (default: ../shared/data)")
+    parser.add_argument("--output", default=str(REPO / "data" / "shards"), help="default: data/shards/")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    parser.add_argument("--force", action="store_true", help="rebuild sets that already exist")
+    args = parser.parse_args(argv)
+    return prepare(shared_data_dir(args.shared), Path(args.output), args.workers, args.force)
 
 
 if __name__ == "__main__":

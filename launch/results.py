@@ -14,14 +14,15 @@ printed and recorded in <root>/commands.txt.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from launch.common import module_command, run_step
+from pccnet.config import BACKBONES
 
-from launch.common import run_step  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 # Row name -> (label in the tables, train.py overrides). None: evaluated from "full", not trained.
 ROWS = {
@@ -36,11 +37,10 @@ ROWS = {
 # evaluate.py arguments of the rows that are evaluated from the full model rather than trained.
 EVAL_ONLY = {"gray": ["--baseline", "gray"], "oracle": ["--color-feature", "own"]}
 RETRIEVING_ROWS = ("full", "no_pc", "no_ic")
-BACKBONES = ("alexnet-imagenet", "vgg16-imagenet", "resnet18-scratch")
 
 
-def run(cmd: list[str], log: Path) -> None:
-    run_step(cmd, Path(cmd[1]).stem if len(cmd) > 1 else cmd[0], log)
+def run(script: str, args: list[str], log: Path) -> None:
+    run_step(module_command(script, *args), script, log, cwd=REPO)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -59,8 +59,8 @@ def train_phase1(cfg_path: str, cfg, root: Path, name: str, extra: list[str], lo
     out = root / name
     ckpt = latest_checkpoint(out)
     if ckpt is None or int(ckpt.name.split("-")[1]) < cfg.phase1.steps:
-        run([sys.executable, "launch/train.py", "--config", cfg_path, f"run.out_dir={out}", "phase2.steps=0",
-             f"run.checkpoint_every={cfg.phase1.steps}", *extra], log)
+        run("train", ["--config", cfg_path, f"run.out_dir={out}", "phase2.steps=0",
+                      f"run.checkpoint_every={cfg.phase1.steps}", *extra], log)
         ckpt = latest_checkpoint(out)
     return ckpt
 
@@ -75,12 +75,11 @@ def sample_sheet(cfg, root: Path, out: Path, n_images: int) -> int:
     from trainer.data import make_eval_loader
     from trainer.inference import Colorizer
 
-    cfg.data.batch_size = n_images
-    batch = next(iter(make_eval_loader(cfg.data.val, cfg.data, 0, 1)))
+    batch = next(iter(make_eval_loader(cfg.data.val, dataclasses.replace(cfg.data, batch_size=n_images), 0, 1)))
     light, real_ab = batch["light"][:n_images], batch["ab"][:n_images]
     short = {"full": "PCCNet", "no_memory": "w/o M", "no_pc": "w/o L_PC", "no_ic": "w/o L_IC", "pix2pix": "cGAN+L1"}
     columns = [("gray input", gray_rgb(light))]
-    phase1 = latest_checkpoint(root / phase1_name(cfg, cfg.model.extractor))
+    phase1 = latest_checkpoint(root / phase1_name(cfg, cfg.model.extractor.backbone))
     for row, (_, overrides) in ROWS.items():
         if overrides is None or latest_checkpoint(root / row) is None:
             continue
@@ -108,6 +107,95 @@ def sample_sheet(cfg, root: Path, out: Path, n_images: int) -> int:
     return 0
 
 
+def backbone_table(cfg_path: str, cfg, root: Path, overrides: list[str], log: Path) -> int:
+    """Phase 1 with each backbone, its retrieval scored on data.val; backbones.json and a Markdown table."""
+    table = {}
+    for backbone in BACKBONES:
+        name = phase1_name(cfg, backbone)
+        ckpt = train_phase1(cfg_path, cfg, root, name, [*overrides, f"model.extractor.backbone={backbone}"], log)
+        out = root / f"retrieval-{name[len('phase1-'):]}.json"
+        if not out.is_file():
+            run("evaluate", ["--checkpoint", str(ckpt), "--data", cfg.data.val, "--output", str(out), "--retrieval"],
+                log)
+        table[backbone] = json.loads(out.read_text())
+    (root / "backbones.json").write_text(json.dumps(table, indent=2) + "\n")
+    accs = sorted({k for r in table.values() for k in r if k.startswith("acc@")}, key=lambda k: float(k[4:]))
+    print("\n| backbone | KL(retrieved, own) | chance | oracle | " + " | ".join(accs)
+          + " | written slots | distinct answers |")
+    print("| --- " * (6 + len(accs)) + "|")
+    for k, r in table.items():
+        print(f"| {k} | {r['retrieval_kl']:.3f} | {r['chance_kl']:.3f} | {r['oracle_kl']:.3f} | "
+              + " | ".join(f"{r[a]:.3f}" for a in accs)
+              + f" | {r['written_slots']} | {r.get('distinct_answers', '?')} |")
+    return 0
+
+
+def score_row(row: str, cfg_path: str, cfg, root: Path, phase1: Path, overrides: list[str], log: Path) -> dict:
+    """Train a row (unless done or evaluated from 'full') and score it on data.val; its eval JSON."""
+    label, row_overrides = ROWS[row]
+    eval_json = root / f"eval-{row}.json"
+    if row_overrides is not None:
+        ckpt = latest_checkpoint(root / row)
+        if ckpt is None or int(ckpt.name.split("-")[1]) < cfg.phase1.steps + cfg.phase2.steps:
+            # Start from the shared phase-1 checkpoint, or go on from this row's own latest one.
+            start = ["--resume", str(phase1)] if ckpt is None else ["--resume", "auto"]
+            run("train", ["--config", cfg_path, *start, f"run.out_dir={root / row}", *overrides, *row_overrides], log)
+    # Rows that retrieve are scored with the shared phase-1 memory: phase 2 never reads the memory, so
+    # a row trained before delta_1 was recalibrated is re-scored, not retrained, when phase 1 changes.
+    retrieves = row in RETRIEVING_ROWS
+    if eval_json.is_file():
+        old = json.loads(eval_json.read_text())
+        # Scored with another memory, or before FID carried its bootstrap spread: score again.
+        if (retrieves and old.get("memory_from") != str(phase1)) or old.get("fid_bootstrap_std") is None:
+            eval_json.unlink()
+    if not eval_json.is_file():
+        source = root / ("full" if row in EVAL_ONLY else row)
+        extra = EVAL_ONLY.get(row, []) + (["--memory-from", str(phase1)] if retrieves else [])
+        run("evaluate", ["--checkpoint", str(source), "--data", cfg.data.val, "--output", str(eval_json), *extra], log)
+    return dict(json.loads(eval_json.read_text()), label=label)
+
+
+def results_table(cfg_path: str, cfg, root: Path, rows: list[str], overrides: list[str], log: Path) -> int:
+    """Every requested row trained and scored; results.json and the Markdown table (earlier rows kept)."""
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; choose from {list(ROWS)}")
+    phase1 = train_phase1(cfg_path, cfg, root, phase1_name(cfg, cfg.model.extractor.backbone), overrides, log)
+    results = {row: score_row(row, cfg_path, cfg, root, phase1, overrides, log) for row in rows}
+    # Rows scored by an earlier call (--rows subset) stay in the table rather than being dropped.
+    for row, (label, _) in ROWS.items():
+        if row not in results and (root / f"eval-{row}.json").is_file():
+            results[row] = dict(json.loads((root / f"eval-{row}.json").read_text()), label=label)
+    results = {row: results[row] for row in ROWS if row in results}
+    (root / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\n{Path(cfg_path).stem}: {cfg.data.image_size} px, {cfg.phase2.steps} phase-2 steps of batch "
+          f"{cfg.data.batch_size}")
+    print("| method | FID (n) | LPIPS | PSNR | colourfulness |\n| --- | --- | --- | --- | --- |")
+    for r in results.values():
+        spread = f" ± {r['fid_bootstrap_std']:.1f}" if r.get("fid_bootstrap_std") is not None else ""
+        print(f"| {r['label']} | {r['fid']:.2f}{spread} ({r['n_images']}) | {r['lpips']:.4f} | {r['psnr']:.2f} | "
+              f"{r['colorfulness']:.2f} |")
+    return 0
+
+
+def reproduce(cfg_path: str, overrides: list[str], root: str | None, rows: str, backbones: bool,
+              figure: str | None, images: int) -> int:
+    """The command's one job, as chosen: a sample sheet, the backbone table, or the results table."""
+    from trainer.config import load_config
+
+    cfg = load_config(cfg_path, overrides)
+    out = Path(root or REPO / "runs" / "results" / Path(cfg_path).stem)
+    out.mkdir(parents=True, exist_ok=True)
+    if not cfg.data.val:
+        raise SystemExit(f"{cfg_path}: data.val must name the test split")
+    if figure:
+        return sample_sheet(cfg, out, Path(figure), images)
+    if backbones:
+        return backbone_table(cfg_path, cfg, out, overrides, out / "commands.txt")
+    return results_table(cfg_path, cfg, out, [r.strip() for r in rows.split(",") if r.strip()], overrides,
+                         out / "commands.txt")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
@@ -118,86 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=6, help="test images in the sample sheet")
     parser.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
     args = parser.parse_args(argv)
-
-    from trainer.config import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    root = Path(args.root or REPO / "runs" / "results" / Path(args.config).stem)
-    root.mkdir(parents=True, exist_ok=True)
-    log = root / "commands.txt"
-    if not cfg.data.val:
-        raise SystemExit(f"{args.config}: data.val must name the test split")
-
-    if args.figure:
-        return sample_sheet(cfg, root, Path(args.figure), args.images)
-
-    if args.backbones:
-        table = {}
-        for backbone in BACKBONES:
-            name = phase1_name(cfg, backbone)
-            ckpt = train_phase1(args.config, cfg, root, name, [*args.overrides, f"model.extractor={backbone}"], log)
-            out = root / f"retrieval-{name[len('phase1-'):]}.json"
-            if not out.is_file():
-                run([sys.executable, "launch/evaluate.py", "--checkpoint", str(ckpt), "--data", cfg.data.val,
-                     "--output", str(out), "--retrieval"], log)
-            table[backbone] = json.loads(out.read_text())
-        (root / "backbones.json").write_text(json.dumps(table, indent=2) + "\n")
-        accs = sorted({k for r in table.values() for k in r if k.startswith("acc@")}, key=lambda k: float(k[4:]))
-        print("\n| backbone | KL(retrieved, own) | chance | oracle | " + " | ".join(accs)
-              + " | written slots | distinct answers |")
-        print("| --- " * (6 + len(accs)) + "|")
-        for k, r in table.items():
-            print(f"| {k} | {r['retrieval_kl']:.3f} | {r['chance_kl']:.3f} | {r['oracle_kl']:.3f} | "
-                  + " | ".join(f"{r[a]:.3f}" for a in accs)
-                  + f" | {r['written_slots']} | {r.get('distinct_answers', '?')} |")
-        return 0
-
-    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    unknown = [r for r in rows if r not in ROWS]
-    if unknown:
-        raise SystemExit(f"unknown rows {unknown}; choose from {list(ROWS)}")
-    phase1 = train_phase1(args.config, cfg, root, phase1_name(cfg, cfg.model.extractor), list(args.overrides), log)
-    results = {}
-    for row in rows:
-        label, overrides = ROWS[row]
-        out = root / row
-        eval_json = root / f"eval-{row}.json"
-        if overrides is not None:
-            ckpt = latest_checkpoint(out)
-            total = cfg.phase1.steps + cfg.phase2.steps
-            if ckpt is None or int(ckpt.name.split("-")[1]) < total:
-                # Start from the shared phase-1 checkpoint, or go on from this row's own latest one.
-                start = ["--resume", str(phase1)] if ckpt is None else ["--resume", "auto"]
-                run([sys.executable, "launch/train.py", "--config", args.config, *start, f"run.out_dir={out}",
-                     *args.overrides, *overrides], log)
-        # Rows that retrieve are scored with the shared phase-1 memory: phase 2 never reads the memory, so
-        # a row trained before delta_1 was recalibrated is re-scored, not retrained, when phase 1 changes.
-        retrieves = row in RETRIEVING_ROWS
-        if eval_json.is_file():
-            old = json.loads(eval_json.read_text())
-            # Scored with another memory, or before FID carried its bootstrap spread: score again.
-            if (retrieves and old.get("memory_from") != str(phase1)) or old.get("fid_bootstrap_std") is None:
-                eval_json.unlink()
-        if not eval_json.is_file():
-            source = root / ("full" if row in EVAL_ONLY else row)
-            extra = EVAL_ONLY.get(row, []) + (["--memory-from", str(phase1)] if retrieves else [])
-            run([sys.executable, "launch/evaluate.py", "--checkpoint", str(source), "--data", cfg.data.val,
-                 "--output", str(eval_json), *extra], log)
-        results[row] = dict(json.loads(eval_json.read_text()), label=label)
-    # Rows scored by an earlier call (--rows subset) stay in the table rather than being dropped.
-    for row, (label, _) in ROWS.items():
-        if row not in results and (root / f"eval-{row}.json").is_file():
-            results[row] = dict(json.loads((root / f"eval-{row}.json").read_text()), label=label)
-    results = {row: results[row] for row in ROWS if row in results}
-    (root / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\n{Path(args.config).stem}: {cfg.data.image_size} px, {cfg.phase2.steps} phase-2 steps of batch "
-          f"{cfg.data.batch_size}")
-    print("| method | FID (n) | LPIPS | PSNR | colourfulness |\n| --- | --- | --- | --- | --- |")
-    for r in results.values():
-        spread = f" ± {r['fid_bootstrap_std']:.1f}" if r.get("fid_bootstrap_std") is not None else ""
-        print(f"| {r['label']} | {r['fid']:.2f}{spread} ({r['n_images']}) | {r['lpips']:.4f} | {r['psnr']:.2f} | "
-              f"{r['colorfulness']:.2f} |")
-    return 0
+    return reproduce(args.config, args.overrides, args.root, args.rows, args.backbones, args.figure, args.images)
 
 
 if __name__ == "__main__":

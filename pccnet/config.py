@@ -1,7 +1,9 @@
 """Model config dataclasses (METHOD.md section 1): one per network, holding the paper's defaults.
 
-Each network takes only its own slice (`Generator(GeneratorConfig())`). Values are checked in
-`__post_init__`; a bad value raises ValueError naming the field and the value. Imports nothing else.
+Each network takes only its own slice (`Generator(GeneratorConfig())`); the trainer nests these same
+frozen dataclasses in its config tree (`model.generator`, ...), so a new option is one field here.
+Values are checked in `__post_init__`; a bad value raises ValueError naming the field and the value.
+Derive a changed config with `dataclasses.replace`. Imports nothing else.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def _check_bools(obj: object, names: tuple[str, ...]) -> None:
             raise ValueError(f"{type(obj).__name__}.{name} must be a bool, got {value!r}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class GeneratorConfig:
     """CUT resnet_9blocks split after ResBlock 5, AdaIN decoder (METHOD.md 1.1)."""
 
@@ -43,7 +45,7 @@ class GeneratorConfig:
         _check_bools(self, ("antialias", "adain_scale_offset"))
 
 
-@dataclass
+@dataclass(frozen=True)
 class SamplerConfig:
     """The patch sampler's MLP heads F (METHOD.md 1.2)."""
 
@@ -54,7 +56,7 @@ class SamplerConfig:
         _check_positive_ints(self, ("num_patches", "dim"))
 
 
-@dataclass
+@dataclass(frozen=True)
 class DiscriminatorConfig:
     """70x70 PatchGAN conditioned on the tiled colour feature (METHOD.md 1.4)."""
 
@@ -66,7 +68,7 @@ class DiscriminatorConfig:
         _check_positive_ints(self, ("width", "n_layers", "color_dim"))
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExtractorConfig:
     """Memory feature extractor f_q (METHOD.md 1.3 and 8.2)."""
 

@@ -21,9 +21,8 @@ _SAME_PAD_4 = (1, 2, 1, 2)  # (left, right, top, bottom) for a 4x4 stride-1 conv
 class PatchDiscriminator(nn.Module):
     """lab [B,3,H,W] (light in [-1,1], ab/110) + c [B,color_dim] -> logits [B,1,H/2^n,W/2^n]."""
 
-    def __init__(self, cfg: DiscriminatorConfig | None = None) -> None:
+    def __init__(self, cfg: DiscriminatorConfig = DiscriminatorConfig()) -> None:
         super().__init__()
-        cfg = cfg if cfg is not None else DiscriminatorConfig()
         self.cfg = cfg
         w = cfg.width
         layers: list[nn.Module] = [conv_block(3 + cfg.color_dim, w, 4, 2, 1, norm=False, act="lrelu")]

@@ -27,9 +27,8 @@ IMAGENET_MIN_SIDE = 64
 class MemoryExtractor(nn.Module):
     """f_q: network-scaled light [B,1,H,W] in [-1,1] -> query [B, cfg.dim] with unit rows."""
 
-    def __init__(self, cfg: ExtractorConfig | None = None) -> None:
+    def __init__(self, cfg: ExtractorConfig = ExtractorConfig()) -> None:
         super().__init__()
-        cfg = cfg if cfg is not None else ExtractorConfig()
         self.cfg = cfg
         self.frozen = cfg.backbone != "resnet18-scratch"
         if cfg.backbone == "alexnet-imagenet":

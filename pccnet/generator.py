@@ -53,9 +53,8 @@ def _up(in_ch: int, out_ch: int, antialias: bool) -> nn.Sequential:
 class Generator(nn.Module):
     """G(light, c) -> fake_ab: light [B,1,H,W] in [-1,1], c [B,color_dim] -> ab/110 [B,2,H,W] (tanh)."""
 
-    def __init__(self, cfg: GeneratorConfig | None = None) -> None:
+    def __init__(self, cfg: GeneratorConfig = GeneratorConfig()) -> None:
         super().__init__()
-        cfg = cfg if cfg is not None else GeneratorConfig()
         self.cfg = cfg
         w = cfg.width
         body = 4 * w

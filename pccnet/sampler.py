@@ -23,9 +23,8 @@ NORM_EPS = 1e-7
 class PatchSampler(nn.Module):
     """F: encoder taps [B,C_l,H_l,W_l] -> per tap [B,K_l,dim] unit rows, K_l = min(num_patches, H_l*W_l)."""
 
-    def __init__(self, tap_channels: list[int], cfg: SamplerConfig | None = None) -> None:
+    def __init__(self, tap_channels: list[int], cfg: SamplerConfig = SamplerConfig()) -> None:
         super().__init__()
-        cfg = cfg if cfg is not None else SamplerConfig()
         if not tap_channels or any(c < 1 for c in tap_channels):
             raise ValueError(f"tap_channels must be a non-empty list of positive ints, got {tap_channels!r}")
         self.cfg = cfg

@@ -17,13 +17,13 @@ import pytest
 import torch
 from PIL import Image
 
+import trainer.data as data_module
 from pccnet.color import AB_BINS, color_distribution, lab_from_network, lab_to_rgb, rgb_to_lab
 from trainer.config import DataConfig
 from trainer.data import (
     DataError,
     count_samples,
     expand_pattern,
-    item_id,
     make_eval_loader,
     make_train_loader,
     shard_name,
@@ -36,6 +36,7 @@ from trainer.images import (
     load_rgb,
     parse_background,
 )
+from trainer.shards import item_id
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 16
@@ -302,25 +303,24 @@ def test_eval_single_shard_two_ranks(shards):
     assert keys[1] == [] and workers == [1, 0] and corrupt == 0
 
 
-def test_train_gives_equal_batch_counts_per_rank(shards):
+def test_train_stream_is_endless_and_full_on_every_rank(shards):
     cfg = cfg_for(shards["pattern"], workers=2, flip=True)
-    counts = []
     for rank in range(2):
         with make_train_loader(cfg, rank, 2, seed=3) as loader:
-            # count_samples: 19 samples with an image -> ceil(19 / (2 ranks * 4)) = 3 batches per epoch
-            assert loader.epoch_batches == 3
-            per_epoch = []
-            for _ in range(2):
-                batches = list(loader.epoch())
-                assert all(len(b["key"]) == 4 and b["light"].shape == (4, 1, SIZE, SIZE) for b in batches)
-                assert all(set(b["key"]) <= set(shards["expected"]) for b in batches)
-                per_epoch.append(len(batches))
-            more = [next(loader) for _ in range(5)]  # and it goes on: no StopIteration between epochs
-            assert len(more) == 5 and loader.batches_seen == 11 and loader.epoch_index == 3
-            counts.append(per_epoch)
-    assert counts == [[3, 3], [3, 3]]
-    fixed = make_train_loader(cfg_for(shards["pattern"], workers=0, epoch_batches=5), 1, 2, seed=0)
-    assert fixed.epoch_batches == 5 and len(list(fixed.epoch())) == 5
+            # 19 samples hold an image; 12 batches of 4 are 48 samples: the stream goes round several times.
+            batches = [next(loader) for _ in range(12)]
+        assert all(len(b["key"]) == 4 and b["light"].shape == (4, 1, SIZE, SIZE) for b in batches)
+        assert all(set(b["key"]) <= set(shards["expected"]) for b in batches)
+
+
+def test_building_a_train_loader_reads_no_shard(shards, tmp_path):
+    """Start-up only lists the shards: a pipe: shard's command runs when the first batch is drawn."""
+    marker = tmp_path / "opened"
+    pattern = f"pipe:touch {marker} && cat {shards['paths'][3]}"
+    with make_train_loader(cfg_for(pattern, workers=0), 0, 1, seed=0) as loader:
+        assert not marker.exists()
+        batch = next(loader)
+        assert marker.exists() and len(batch["key"]) == 4
 
 
 def test_train_stream_is_seeded_per_rank(shards):
@@ -344,24 +344,44 @@ def test_train_flip_mirrors_pixels_but_not_the_colour_feature(shards):
     assert torch.equal(batch["color_feature"], batch["color_feature"][:1].expand(8, -1))
 
 
-def test_sample_cache_changes_nothing_but_the_work(shards, monkeypatch):
-    import trainer.data as data
+def _first_batches(pattern: str, cache_mb: int, n: int = 15) -> list[dict]:
+    with make_train_loader(cfg_for(pattern, workers=0, flip=True, cache_mb=cache_mb), 0, 1, seed=5) as loader:
+        return [next(loader) for _ in range(n)]  # 60 samples from 19: most are repeats
 
-    def first_batches(cache_mb: int) -> list[dict]:
-        monkeypatch.setattr(data, "CACHE_MB", cache_mb)
-        cfg = cfg_for(shards["pattern"], workers=0, flip=True)
-        with make_train_loader(cfg, 0, 1, seed=5) as loader:
-            return [next(loader) for _ in range(15)]  # 60 samples from 19: most are repeats
 
-    cached, uncached = first_batches(16), first_batches(0)
+def test_sample_cache_changes_nothing_but_the_work(shards):
+    cached, uncached = _first_batches(shards["pattern"], 16), _first_batches(shards["pattern"], 0)
     for a, b in zip(cached, uncached, strict=True):
         assert a["key"] == b["key"]
         for name in ("light", "ab", "color_feature", "item_id"):
             assert torch.equal(a[name], b[name]), name
-    cache = data._SampleCache(max_bytes=3 * (4 * 4 * 3 + 313 * 4))
+    cache = data_module._SampleCache(max_bytes=3 * (4 * 4 * 3 + 313 * 4))
     for i in range(5):
         cache.put(str(i), np.zeros((4, 4, 3), np.uint8), torch.zeros(313))
     assert list(cache.items) == ["2", "3", "4"] and cache.get("0") is None and cache.get("2") is not None
+
+
+def test_data_cache_mb_is_what_switches_the_cache(shards, monkeypatch):
+    """data.cache_mb alone decides: with it, each sample is decoded once; with 0, on every visit."""
+    decoded: list[int] = []
+    real_load_rgb = data_module.load_rgb
+
+    def counting_load_rgb(*args, **kwargs):  # a spy: the real decode, counted (workers=0: this process)
+        img = real_load_rgb(*args, **kwargs)
+        decoded.append(1)
+        return img
+
+    monkeypatch.setattr(data_module, "load_rgb", counting_load_rgb)
+    batches = [b["key"] for b in _first_batches(shards["pattern"], 16)]
+    # A batch's new samples enter the cache when it is collated: what a batch meets first is decoded.
+    cached, misses = set(), 0
+    for keys in batches:
+        misses += sum(k not in cached for k in keys)
+        cached |= set(keys)
+    assert len(decoded) == misses and misses < 30 and sum(map(len, batches)) == 60
+    decoded.clear()
+    _first_batches(shards["pattern"], 0)
+    assert len(decoded) == 60
 
 
 def test_train_counts_corrupt_samples_and_keeps_going(shards):
@@ -389,7 +409,14 @@ def test_truncated_shard_yields_what_it_can_and_counts_the_rest(shards, tmp_path
     cut.write_bytes(data[: len(data) // 2 + 100])
     loader = make_eval_loader(str(cut), cfg_for(workers=0), 0, 1)
     keys = [k for b in loader for k in b["key"]]
-    assert 1 <= len(keys) < 7 and loader.n_corrupt >= 1
+    # Every sample whose members all end before the cut comes out; the cut itself is counted once.
+    ends: dict[str, int] = {}
+    with tarfile.open(shards["paths"][3]) as tar:
+        for m in tar.getmembers():
+            key = m.name.rsplit(".", 1)[0]
+            ends[key] = max(ends.get(key, 0), m.offset_data + m.size)
+    whole = [f"cut/{k}" for k, end in ends.items() if end <= len(data) // 2 + 100]
+    assert keys == whole and 0 < len(whole) < 7 and loader.n_corrupt == 1
 
 
 def test_pipe_url_reads_the_same_samples(shards):
@@ -433,16 +460,16 @@ def test_expand_pattern_forms_and_errors(shards, tmp_path):
 
 
 def test_loader_argument_errors_name_the_value(shards):
-    bad = [
-        (dict(image_size=0), "image_size must be a positive int, got 0"),
-        (dict(background="purple"), "got 'purple'"),
-        (dict(batch_size=0), "batch_size must be >= 1, got 0"),
-    ]
-    for kw, message in bad:
+    # A DataConfig with a bad value cannot be made (it checks itself); the loaders check the rest.
+    for kw, message in ((dict(image_size=0), "data.image_size must be > 0, got 0"),
+                        (dict(batch_size=0), "data.batch_size must be > 0, got 0"),
+                        (dict(workers=-1), "data.workers must be >= 0, got -1")):
         with pytest.raises(ValueError, match=message):
-            make_train_loader(cfg_for(shards["pattern"], **kw), 0, 1, seed=0)
-        with pytest.raises(ValueError, match=message):
-            make_eval_loader(shards["pattern"], cfg_for(**kw), 0, 1)
+            cfg_for(shards["pattern"], **kw)
+    with pytest.raises(ValueError, match="got 'purple'"):
+        make_train_loader(cfg_for(shards["pattern"], background="purple"), 0, 1, seed=0)
+    with pytest.raises(ValueError, match="got 'purple'"):
+        make_eval_loader(shards["pattern"], cfg_for(background="purple"), 0, 1)
     with pytest.raises(ValueError, match="got rank 2 of world_size 2"):
         make_eval_loader(shards["pattern"], cfg_for(), 2, 2)
     with pytest.raises(DataError, match="non-empty string"):
@@ -484,6 +511,7 @@ DDP_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_eval_exactly_once_across_two_real_processes(shards, tmp_path):
     script = tmp_path / "ddp_eval.py"
     script.write_text(DDP_SCRIPT)
@@ -508,11 +536,10 @@ def test_make_shards_round_trips_pokemon_from_a_split_list(shared_data, tmp_path
     names = (shared_data / "pokemon" / "split_every10_train.txt").read_text().split()[:6]
     listing = tmp_path / "few.txt"
     listing.write_text("\n".join(names) + "\n")
-    cmd = [sys.executable, str(REPO / "launch" / "make_shards.py"), "--input", str(listing),
-           "--root", str(shared_data / "pokemon" / "images"), "--output", str(tmp_path / "out"),
-           "--prefix", "poke", "--samples-per-shard", "4", "--workers", "0"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    from launch.make_shards import main as make_shards
+
+    assert make_shards(["--input", str(listing), "--root", str(shared_data / "pokemon" / "images"), "--output",
+                        str(tmp_path / "out"), "--prefix", "poke", "--samples-per-shard", "4", "--workers", "0"]) == 0
     pattern = str(tmp_path / "out" / "poke-{000000..000001}.tar")
     assert count_samples(pattern) == 6
     cfg = cfg_for(workers=0, image_size=32)

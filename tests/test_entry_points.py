@@ -1,8 +1,10 @@
-"""colorize / memorize / evaluate on a tiny real checkpoint, through their command lines."""
+"""colorize / memorize / evaluate / calibrate_threshold on a tiny real checkpoint, through main(argv) (one
+colorize through the installed console script, in its own process)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +12,11 @@ import torch
 from PIL import Image
 from trainhelpers import PYTHON, run_cmd, write_config, write_tiny_shards
 
+from launch.calibrate_threshold import main as calibrate_main
+from launch.colorize import main as colorize_main
+from launch.evaluate import main as evaluate_main
+from launch.memorize import main as memorize_main
+from launch.train import main as train_main
 from memory_server.client import MemoryClient
 from memory_server.launcher import start_server
 from pccnet.color import rgb_to_lab
@@ -19,19 +26,32 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A 1-process debug run of both phases: (run dir, shard pattern)."""
+    """A 1-process debug run of both phases, in this process: (run dir, shard pattern)."""
     root = tmp_path_factory.mktemp("entry")
     shards = write_tiny_shards(root / "shards")
     out = root / "run"
     cfg = write_config(root / "c.yaml", shards, out, phase1__steps=4, phase2__steps=3, run__checkpoint_every=100,
-                       data__val=shards)
-    res = run_cmd([PYTHON, "launch/train.py", "--config", str(cfg)])
-    assert res.returncode == 0, res.stdout[-4000:]
-    # End of phase 1: retrieval accuracy on data.val, measured the way test time retrieves.
-    rows = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
-    acc = [r["val/retrieval_acc"] for r in rows if "val/retrieval_acc" in r]
-    assert len(acc) == 1 and 0.0 <= acc[0] <= 1.0
+                       data__val=shards, data__workers=0)
+    assert train_main(["--config", str(cfg)]) == 0
     return out, shards
+
+
+def _final_memory(run: Path) -> dict:
+    return dict(np.load(run / "checkpoints" / "step-0000007" / "memory.npz"))
+
+
+@pytest.fixture(scope="module")
+def test_split(tmp_path_factory) -> str:
+    """4 other images for the image metrics: FID's Inception (0.2-0.5 s an image here) is evaluate's slow part."""
+    return write_tiny_shards(tmp_path_factory.mktemp("test-split"), n_shards=1, per_shard=4, seed=1)
+
+
+def _usage_error(main, argv: list[str], capsys) -> str:
+    """An argument error: argparse's exit code 2 and its message."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
 
 
 @pytest.fixture()
@@ -56,7 +76,7 @@ def _lightness(path) -> torch.Tensor:
 def test_colorize_keeps_resolution_and_lightness(trained, photos, tmp_path):
     run, _ = trained
     out = tmp_path / "out"
-    res = run_cmd([PYTHON, "launch/colorize.py", "--checkpoint", str(run), "--input", str(photos),
+    res = run_cmd([str(Path(PYTHON).with_name("pccnet-colorize")), "--checkpoint", str(run), "--input", str(photos),
                    "--output", str(out), "--batch-size", "2"])
     assert res.returncode == 0, res.stdout[-3000:]
     assert "colorized 3 of 3" in res.stdout
@@ -70,41 +90,59 @@ def test_colorize_keeps_resolution_and_lightness(trained, photos, tmp_path):
     assert float(_lightness(out / "alpha.png")[:20].mean()) > 95
 
 
-def test_colorize_errors_are_clear(trained, photos, tmp_path):
+def test_colorize_errors_are_clear(trained, photos, tmp_path, capsys):
     run, _ = trained
-    res = run_cmd([PYTHON, "launch/colorize.py", "--checkpoint", str(run), "--input", str(tmp_path / "nope*.png"),
-                   "--output", str(tmp_path / "o")])
-    assert res.returncode == 2 and "matches no image" in res.stdout
-    res = run_cmd([PYTHON, "launch/colorize.py", "--checkpoint", str(tmp_path / "missing"), "--input",
-                   str(photos), "--output", str(tmp_path / "o")])
-    assert res.returncode == 2 and "missing" in res.stdout and "does not exist" in res.stdout
-    assert "Traceback" not in res.stdout
+    assert colorize_main(["--checkpoint", str(run), "--input", str(tmp_path / "nope*.png"),
+                          "--output", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == f"error: input {str(tmp_path / 'nope*.png')!r} matches no image file\n"
+    assert colorize_main(["--checkpoint", str(tmp_path / "missing"), "--input", str(photos),
+                          "--output", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == f"error: checkpoint path {str(tmp_path / 'missing')!r} does not exist\n"
+    err = _usage_error(colorize_main, ["--checkpoint", str(run), "--input", str(photos), "--output", "o",
+                                       "--batch-size", "0"], capsys)
+    assert "--batch-size must be >= 1, got 0" in err
+    err = _usage_error(colorize_main, ["--checkpoint", str(run), "--input", str(photos), "--output", "o",
+                                       "--memory-name", "few"], capsys)
+    assert "--memory-name needs --memory" in err
 
 
-def test_memorize_then_colorize_with_the_named_memory(trained, photos, tmp_path):
+def test_memorize_then_colorize_with_the_named_memory(trained, photos, tmp_path, capsys):
     run, _ = trained
     server = start_server(tmp_path / "mem", bind="tcp://127.0.0.1:0")
     try:
-        res = run_cmd([PYTHON, "launch/memorize.py", "--checkpoint", str(run), "--memory", server.endpoint,
-                       "--name", "few", "--input", str(photos), "--capacity", "8"])
-        assert res.returncode == 0, res.stdout[-3000:]
-        assert "memorized 3 of 3" in res.stdout
+        assert memorize_main(["--checkpoint", str(run), "--memory", server.endpoint, "--name", "few",
+                              "--input", str(photos), "--capacity", "8"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0] == f"created memory 'few' on {server.endpoint}: 8 slots"
+        assert lines[-1] == f"memorized 3 of 3 images into memory 'few' on {server.endpoint}"
         with MemoryClient(server.endpoint) as client:
             info = client.info(memory="few")
             assert info["capacity"] == 8 and info["filled"] == 3 and info["key_dim"] == 32
             exported = client.export(memory="few")
             written = exported["item_ids"] >= 0
             assert written.sum() == 3
-            # Each image got its own slot holding its own colour distribution (non-uniform).
+            # Each image got its own slot holding its own colour distribution (non-uniform) ...
             assert np.all(exported["values"][written].max(1) > 2.0 / 313)
+            # ... under the id of its path (trainer.shards.item_id, as for shard samples).
+            from trainer.shards import item_id
+
+            want = {item_id(str(p)) for p in (photos / "colour.jpg", photos / "gray.png", photos / "sub" / "alpha.png")}
+            assert set(exported["item_ids"][written].tolist()) == want
         out = tmp_path / "out"
-        res = run_cmd([PYTHON, "launch/colorize.py", "--checkpoint", str(run), "--input", str(photos / "colour.jpg"),
-                       "--output", str(out), "--memory", server.endpoint, "--memory-name", "few"])
-        assert res.returncode == 0, res.stdout[-3000:]
+        assert colorize_main(["--checkpoint", str(run), "--input", str(photos / "colour.jpg"), "--output", str(out),
+                              "--memory", server.endpoint, "--memory-name", "few"]) == 0
         assert (out / "colour.png").is_file()
-        res = run_cmd([PYTHON, "launch/colorize.py", "--checkpoint", str(run), "--input", str(photos / "colour.jpg"),
-                       "--output", str(out), "--memory", server.endpoint, "--memory-name", "absent"])
-        assert res.returncode != 0 and "absent" in res.stdout
+        assert colorize_main(["--checkpoint", str(run), "--input", str(photos / "colour.jpg"), "--output", str(out),
+                              "--memory", server.endpoint, "--memory-name", "absent"]) == 2
+        assert capsys.readouterr().err.splitlines()[-1].startswith("error: memory 'absent' does not exist on")
+        # A memory of another shape is refused by memorize too, and nothing is written to it.
+        with MemoryClient(server.endpoint) as client:
+            client.create(capacity=4, key_dim=7, value_dim=313, memory="other")
+        assert memorize_main(["--checkpoint", str(run), "--memory", server.endpoint, "--name", "other",
+                              "--input", str(photos)]) == 2
+        assert "memory 'other' has key_dim 7 and value_dim 313; this checkpoint needs 32" in capsys.readouterr().err
+        with MemoryClient(server.endpoint) as client:
+            assert client.info(memory="other")["filled"] == 0
     finally:
         assert server.stop() == 0
 
@@ -112,51 +150,55 @@ def test_memorize_then_colorize_with_the_named_memory(trained, photos, tmp_path)
 def test_evaluate_retrieval_scores_the_memory(trained, tmp_path):
     run, shards = trained
     out = tmp_path / "retrieval.json"
-    res = run_cmd([PYTHON, "launch/evaluate.py", "--checkpoint", str(run), "--data", shards, "--output", str(out),
-                   "--retrieval"])
-    assert res.returncode == 0, res.stdout[-3000:]
+    assert evaluate_main(["--checkpoint", str(run), "--data", shards, "--output", str(out), "--retrieval"]) == 0
     r = json.loads(out.read_text())
-    assert r["n_images"] == 16 and r["written_slots"] >= 1
+    assert r["n_images"] == 16 and r["written_slots"] == int((_final_memory(run)["item_ids"] >= 0).sum())
+    assert 1 <= r["distinct_answers"] <= r["written_slots"]
     # The retrieved slot is one of the written ones, so it can never beat the best of them.
     assert r["oracle_kl"] <= r["retrieval_kl"] + 1e-6
-    assert 0.0 <= r["acc@0.5"] <= r["acc@1"] <= r["acc@1.5"] <= 1.0
+    assert r["acc@0.5"] <= r["acc@1"] <= r["acc@1.5"]
+    # The trainer measured the same thing at the end of phase 1 (data.val = these 16 images; phase 2 changes
+    # neither the memory nor the extractor): the same share within the threshold.
+    rows = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    assert [row["val/retrieval_acc"] for row in rows if "val/retrieval_acc" in row] == [r["acc@1.5"]]
 
 
-def test_evaluate_writes_every_metric(trained, tmp_path):
-    run, shards = trained
+@pytest.mark.slow
+def test_evaluate_writes_every_metric(trained, test_split, tmp_path, capsys):
+    run, _ = trained
+    shards = test_split
     out = tmp_path / "eval.json"
-    res = run_cmd([PYTHON, "launch/evaluate.py", "--checkpoint", str(run), "--data", shards, "--output", str(out),
-                   "--bootstrap", "5"])
-    assert res.returncode == 0, res.stdout[-3000:]
+    assert evaluate_main(["--checkpoint", str(run), "--data", shards, "--output", str(out), "--bootstrap", "5"]) == 0
     result = json.loads(out.read_text())
-    assert result["n_images"] == 16 and result["small_set"] is True
+    assert result["n_images"] == 4 and result["small_set"] is True
     for key in ("fid", "lpips", "psnr", "colorfulness"):
         assert np.isfinite(result[key]), key
-    assert "| FID |" in res.stdout
+    assert "| FID |" in capsys.readouterr().out
     assert result["fid_bootstrap_n"] == 5 and result["fid_bootstrap_std"] > 0.0
-    res = run_cmd([PYTHON, "launch/evaluate.py", "--checkpoint", str(run), "--data", shards, "--output", str(out),
-                   "--bootstrap", "-1"])
-    assert res.returncode == 2 and "-1" in res.stdout
+    err = _usage_error(evaluate_main, ["--checkpoint", str(run), "--data", shards, "--output", str(out),
+                                       "--bootstrap", "-1"], capsys)
+    assert "--bootstrap must be >= 0, got -1" in err
     gray = tmp_path / "gray.json"
-    res = run_cmd([PYTHON, "launch/evaluate.py", "--checkpoint", str(run), "--data", shards, "--output", str(gray),
-                   "--bootstrap", "5", "--baseline", "gray"])
-    assert res.returncode == 0, res.stdout[-3000:]
+    assert evaluate_main(["--checkpoint", str(run), "--data", shards, "--output", str(gray), "--bootstrap", "5",
+                          "--baseline", "gray"]) == 0
     gray_result = json.loads(gray.read_text())
     assert gray_result["colorfulness"] < 0.5 < gray_result["colorfulness_real"]
-    assert gray_result["n_images"] == 16
+    assert gray_result["n_images"] == 4
+    # The gray output and the ground truth share L, so their PSNR is that of ab alone; the model's differs.
+    assert gray_result["psnr"] != result["psnr"] and gray_result["colorfulness_real"] == result["colorfulness_real"]
 
 
-def test_evaluate_with_each_image_own_colour_feature(trained, tmp_path):
-    run, shards = trained
+def test_evaluate_with_each_image_own_colour_feature(trained, test_split, tmp_path, capsys):
+    run, _ = trained
+    shards = test_split
     out = tmp_path / "own.json"
-    res = run_cmd([PYTHON, "launch/evaluate.py", "--checkpoint", str(run), "--data", shards, "--output", str(out),
-                   "--bootstrap", "5", "--color-feature", "own"])
-    assert res.returncode == 0, res.stdout[-3000:]
+    assert evaluate_main(["--checkpoint", str(run), "--data", shards, "--output", str(out), "--bootstrap", "5",
+                          "--color-feature", "own"]) == 0
     result = json.loads(out.read_text())
-    assert result["color_feature"] == "own" and result["n_images"] == 16 and np.isfinite(result["fid"])
-    res = run_cmd([PYTHON, "launch/evaluate.py", "--checkpoint", str(run), "--data", shards, "--output", str(out),
-                   "--bootstrap", "5", "--color-feature", "own", "--baseline", "gray"])
-    assert res.returncode == 2 and "--color-feature own" in res.stdout
+    assert result["color_feature"] == "own" and result["n_images"] == 4 and np.isfinite(result["fid"])
+    err = _usage_error(evaluate_main, ["--checkpoint", str(run), "--data", shards, "--output", str(out),
+                                       "--color-feature", "own", "--baseline", "gray"], capsys)
+    assert "--color-feature own has no effect with --baseline gray" in err
 
 
 def test_predict_ab_is_conditioned_on_the_given_colour_feature(trained):
@@ -176,28 +218,34 @@ def test_predict_ab_is_conditioned_on_the_given_colour_feature(trained):
     assert not torch.allclose(a, b), "the colour feature passed in does not reach the generator"
 
 
-def test_evaluate_with_the_memory_of_another_checkpoint(trained, tmp_path):
+def test_evaluate_with_the_memory_of_another_checkpoint(trained, test_split, tmp_path, capsys):
     run, shards = trained
     from trainer.checkpoint import list_checkpoints
 
     ckpt = list_checkpoints(run)[-1]
     out = tmp_path / "other.json"
-    res = run_cmd([PYTHON, "launch/evaluate.py", "--checkpoint", str(run), "--data", shards, "--output", str(out),
-                   "--bootstrap", "5", "--memory-from", str(ckpt)])
-    assert res.returncode == 0, res.stdout[-3000:]
-    assert json.loads(out.read_text())["memory_from"] == str(ckpt)
+    assert evaluate_main(["--checkpoint", str(run), "--data", test_split, "--output", str(out),
+                          "--bootstrap", "0", "--memory-from", str(ckpt)]) == 0
+    result = json.loads(out.read_text())
+    assert result["memory_from"] == str(ckpt) and result["fid_bootstrap_std"] is None and result["n_images"] == 4
     missing = tmp_path / "no-such-checkpoint"
-    res = run_cmd([PYTHON, "launch/evaluate.py", "--checkpoint", str(run), "--data", shards, "--output", str(out),
-                   "--bootstrap", "5", "--memory-from", str(missing)])
-    assert res.returncode == 2 and str(missing) in res.stdout
+    capsys.readouterr()
+    assert evaluate_main(["--checkpoint", str(run), "--data", shards, "--output", str(out), "--memory-from",
+                          str(missing)]) == 2
+    assert capsys.readouterr().err == f"error: checkpoint path {str(missing)!r} does not exist\n"
 
 
-def test_calibrate_threshold_reports_the_quantile(trained):
-    run, _ = trained
+def test_calibrate_threshold_reports_the_quantile(trained, capsys):
+    run, shards = trained
     config = run.parent / "c.yaml"
-    res = run_cmd([PYTHON, "launch/calibrate_threshold.py", "--config", str(config), "--positive-rate", "0.2"])
-    assert res.returncode == 0, res.stdout[-3000:]
-    line = [x for x in res.stdout.splitlines() if x.startswith("phase1.threshold for 20% positive pairs")]
-    assert len(line) == 1 and float(line[0].split(":")[-1]) > 0.0
-    res = run_cmd([PYTHON, "launch/calibrate_threshold.py", "--config", str(config), "--positive-rate", "1.5"])
-    assert res.returncode == 2 and "1.5" in res.stdout
+    assert calibrate_main(["--config", str(config), "--positive-rate", "0.2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # 16 training images, every ordered pair of two different ones.
+    assert lines[0] == "16 of 16 training images, 240 ordered pairs, KL in nats"
+    q20 = float(lines[3].split("|")[5])  # the 0.2 quantile of the table, to 3 decimals
+    line = [x for x in lines if x.startswith("phase1.threshold for 20% positive pairs")]
+    assert len(line) == 1 and float(line[0].split(":")[-1]) == pytest.approx(q20, abs=5e-4) and q20 > 0.0
+    err = _usage_error(calibrate_main, ["--config", str(config), "--positive-rate", "1.5"], capsys)
+    assert "--positive-rate must be in (0, 1), got 1.5" in err
+    assert calibrate_main(["--config", str(config), "data.train=" + shards.replace("000001", "000000")]) == 0
+    assert capsys.readouterr().out.startswith("8 of 8 training images, 56 ordered pairs")

@@ -1,4 +1,5 @@
-"""launch/make_shards.py through its command line (subprocess), and its shards read back by trainer.data."""
+"""launch/make_shards.py (trainer.shards) through its command line (subprocess; argument errors through
+main(argv)), and its shards read back by trainer.data."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from launch.make_shards import main
 from trainer.config import DataConfig
 from trainer.data import count_samples, make_eval_loader
+from trainer.shards import manifest_counts
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "launch" / "make_shards.py"
@@ -128,19 +131,23 @@ def test_list_files_resolve_names_and_report_missing(tmp_path):
         assert tar.getnames()[::2] == ["in_images.png", "beside.png", "rooted.png", "absolute.jpg"]
 
 
-def test_nothing_usable_fails_and_bad_arguments_are_named(tmp_path):
+def test_nothing_usable_fails_and_bad_arguments_are_named(tmp_path, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "x.jpg").write_bytes(b"nope")
-    proc = run("--input", str(bad), "--output", str(tmp_path / "out"))
-    assert proc.returncode == 1 and "none of the 1 images could be used" in proc.stderr
+    out = str(tmp_path / "out")
+    cases = [
+        (["--input", str(bad), "--output", out], "none of the 1 images could be used (1 skipped)"),
+        (["--input", str(tmp_path / "missing"), "--output", out], f"--input {str(tmp_path / 'missing')!r} does not exist"),
+        (["--input", str(bad), "--output", out, "--samples-per-shard", "0"], "--samples-per-shard must be >= 1, got 0"),
+        (["--input", str(bad / "x.jpg"), "--output", out, "--prefix", "a/b"], "--prefix must be a plain file name "
+                                                                             "prefix, got 'a/b'"),
+    ]
+    for argv, message in cases:
+        assert main([*argv, "--workers", "0"]) == 1
+        err = capsys.readouterr().err
+        assert err.splitlines()[-1] == f"make_shards: error: {message}", err
     assert not list((tmp_path / "out").glob("*.tar")) and not (tmp_path / "out" / "train-manifest.json").exists()
-    proc = run("--input", str(tmp_path / "missing"), "--output", str(tmp_path / "out"))
-    assert proc.returncode == 1 and "does not exist" in proc.stderr and "missing" in proc.stderr
-    proc = run("--input", str(bad), "--output", str(tmp_path / "out"), "--samples-per-shard", "0")
-    assert proc.returncode == 1 and "--samples-per-shard must be >= 1, got 0" in proc.stderr
-    proc = run("--input", str(bad / "x.jpg"), "--output", str(tmp_path / "out"), "--prefix", "a/b")
-    assert proc.returncode == 1 and "'a/b'" in proc.stderr
 
 
 def test_rerun_replaces_old_shards_and_the_loader_reads_the_output(photos, tmp_path):
@@ -151,7 +158,25 @@ def test_rerun_replaces_old_shards_and_the_loader_reads_the_output(photos, tmp_p
     assert sorted(p.name for p in out.glob("train-*.tar")) == ["train-000000.tar", "train-000001.tar"]
     pattern = str(out / "train-{000000..000001}.tar")
     assert count_samples(pattern) == 6
+    assert {name: n for name, (n, _) in manifest_counts(out).items()} == {"train-000000.tar": 4, "train-000001.tar": 2}
     cfg = DataConfig(image_size=8, batch_size=4, workers=2)
     keys = sorted(k for rank in range(2) for b in make_eval_loader(pattern, cfg, rank, 2) for k in b["key"])
     assert keys == sorted(["train-000000/a", "train-000000/b", "train-000000/c", "train-000000/sub/D",
                            "train-000001/sub/deeper/my_photo", "train-000001/sub/rgba"])
+
+
+def test_sample_keys_are_tar_safe_and_unique():
+    from trainer.shards import sample_key
+
+    taken: set[str] = set()
+    keys = [sample_key(n, taken) for n in ("a b.jpg", "a_b.png", "dir/x.y.z.png", "__meta__.png", "/", "ü.png")]
+    assert keys == ["a_b", "a_b_1", "dir/x_y_z", "x__meta__", "image", "_"]
+    assert len(set(keys)) == len(keys)
+
+
+def test_manifest_counts_skips_an_unreadable_manifest(tmp_path, caplog):
+    (tmp_path / "good-manifest.json").write_text(json.dumps({"shards": [{"name": "g.tar", "samples": 3,
+                                                                         "bytes": 10240}]}))
+    (tmp_path / "bad-manifest.json").write_text("{not json")
+    assert manifest_counts(tmp_path) == {"g.tar": (3, 10240)}
+    assert "ignoring unreadable manifest" in caplog.text and "bad-manifest.json" in caplog.text

@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
 from PIL import Image
+from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -116,3 +118,14 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None
             raise AssertionError(f"process exited ({proc.returncode}) before {what}:\n{out[-4000:]}")
         time.sleep(poll_s)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class FixedQuery(nn.Module):
+    """Stands in for the memory extractor: retrieval only needs a query per image, not a trained network."""
+
+    def __init__(self, q: np.ndarray) -> None:
+        super().__init__()
+        self.q = torch.from_numpy(q)
+
+    def forward(self, light: torch.Tensor) -> torch.Tensor:
+        return self.q[: light.shape[0]]

@@ -1,12 +1,16 @@
-"""The training configuration tree: typed dataclasses, strict YAML loading, dotted overrides.
+"""The training configuration tree: frozen typed dataclasses, strict YAML loading, dotted overrides.
 
-An unknown key or a value of the wrong type is a ConfigError naming its dotted path. Each component
-receives only its own slice (DataConfig, ModelConfig, ...). Imports nothing from the rest of the app.
+`model` nests the library's own dataclasses (pccnet.config), so a network option is declared and
+checked in one place. An unknown key or a value of the wrong type is a ConfigError naming its dotted
+path. Each component receives only its own slice; tools derive changed configs with
+`dataclasses.replace`. Configs of the flat `model:` schema (before issue 11) load through `upgrade_legacy`.
+Imports only pccnet, never the rest of the app.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import types
 import typing
@@ -16,13 +20,31 @@ from typing import Any, Union
 
 import yaml
 
+from pccnet.color import NUM_BINS
+from pccnet.config import DiscriminatorConfig, ExtractorConfig, GeneratorConfig, SamplerConfig
+
+log = logging.getLogger(__name__)
+
 
 class ConfigError(ValueError):
     """A configuration value or key is invalid; the message names its dotted path."""
 
 
-@dataclass
-class RunConfig:
+class _Section:
+    """A top-level section: validated on construction, so `dataclasses.replace` re-checks it too."""
+
+    SECTION = ""
+
+    def __post_init__(self) -> None:
+        self.validate(self.SECTION)
+
+    def validate(self, path: str) -> None:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class RunConfig(_Section):
+    SECTION = "run"
     out_dir: str = "runs/default"
     seed: int = 0
     log_every: int = 10  # steps between status lines / stats.jsonl rows
@@ -31,6 +53,8 @@ class RunConfig:
     keep_checkpoints: int = 3  # newest N kept; 0 keeps all
     mixed_precision: str = "no"  # "no" | "bf16" (autocast for G/D forwards; losses stay fp32)
     collective_timeout_s: int = 600
+    # Ranks compare a parameter fingerprint at every checkpoint; with this also at every log line.
+    check_ddp_every_log: bool = False
 
     def validate(self, path: str) -> None:
         _positive(self, path, "log_every", "checkpoint_every", "sample_every", "collective_timeout_s")
@@ -39,8 +63,9 @@ class RunConfig:
         _choice(self, path, "mixed_precision", ("no", "bf16"))
 
 
-@dataclass
-class DataConfig:
+@dataclass(frozen=True)
+class DataConfig(_Section):
+    SECTION = "data"
     train: str = ""  # shard pattern: path, glob-free brace pattern, or pipe: URL
     val: str | None = None
     image_size: int = 256
@@ -49,7 +74,6 @@ class DataConfig:
     flip: bool = True  # random horizontal flip in training
     background: str = "white"  # RGBA compositing: "white", "black" or "#rrggbb"
     shuffle_buffer: int = 256
-    epoch_batches: int | None = None  # batches per rank per epoch; null: ceil(n_samples / (world * batch))
     cache_mb: int = 256  # per training worker: decoded pixels + colour features kept for later epochs
 
     def validate(self, path: str) -> None:
@@ -60,36 +84,29 @@ class DataConfig:
             raise ConfigError(f"{path}.cache_mb must be >= 0, got {self.cache_mb}")
         if self.image_size % 4:
             raise ConfigError(f"{path}.image_size must be a multiple of 4, got {self.image_size}")
-        if self.epoch_batches is not None and self.epoch_batches < 1:
-            raise ConfigError(f"{path}.epoch_batches must be >= 1 or null, got {self.epoch_batches}")
 
 
-@dataclass
-class ModelConfig:
-    width: int = 64  # generator base width (the paper's: 64)
-    n_blocks_encoder: int = 5
-    n_blocks_decoder: int = 4
-    antialias: bool = True
-    mlp_dim: int = 256
-    d_width: int = 64
-    d_layers: int = 3
-    num_patches: int = 256
-    patch_dim: int = 256
-    extractor: str = "alexnet-imagenet"  # "alexnet-imagenet" | "vgg16-imagenet" | "resnet18-scratch"
-    extractor_dim: int = 512
-    extractor_width: int = 64  # resnet18-scratch only
+@dataclass(frozen=True)
+class ModelConfig(_Section):
+    """The networks' own configs (pccnet.config, validated there) plus what G is fed."""
+
+    SECTION = "model"
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    extractor: ExtractorConfig = field(default_factory=ExtractorConfig)
     use_memory: bool = True  # False: the "without M" ablation (constant uniform colour feature)
 
     def validate(self, path: str) -> None:
-        _positive(self, path, "width", "mlp_dim", "d_width", "d_layers", "num_patches", "patch_dim",
-                  "extractor_dim", "extractor_width")
-        if self.n_blocks_encoder < 1 or self.n_blocks_decoder < 0:
-            raise ConfigError(f"{path}: need n_blocks_encoder >= 1 and n_blocks_decoder >= 0")
-        _choice(self, path, "extractor", ("alexnet-imagenet", "vgg16-imagenet", "resnet18-scratch"))
+        for name in ("generator", "discriminator"):
+            if getattr(self, name).color_dim != NUM_BINS:
+                raise ConfigError(f"{path}.{name}.color_dim must be {NUM_BINS} (the colour feature's length), "
+                                  f"got {getattr(self, name).color_dim}")
 
 
-@dataclass
-class LossConfig:
+@dataclass(frozen=True)
+class LossConfig(_Section):
+    SECTION = "loss"
     pc: float = 1.0  # lambda_1, patch-wise contrastive
     ic: float = 1.0  # lambda_2, intra-image correlation
     # lambda_3, Huber on ab/110. 100 (pix2pix's L1 weight), not METHOD.md's first guess of 10: measured on
@@ -109,9 +126,15 @@ class LossConfig:
                 raise ConfigError(f"{path}.{name} must be >= 0, got {getattr(self, name)}")
         _positive(self, path, "tau", "delta", "circle_gamma")
 
+    @property
+    def needs_patches(self) -> bool:
+        """Whether a patch loss is on (else the patch sampler is left out entirely)."""
+        return self.pc > 0 or self.ic > 0
 
-@dataclass
-class Phase1Config:
+
+@dataclass(frozen=True)
+class Phase1Config(_Section):
+    SECTION = "phase1"
     steps: int = 1000
     lr: float = 1e-4
     k: int = 256  # top-k neighbours for the circle loss (capped at the memory's capacity)
@@ -128,23 +151,25 @@ class Phase1Config:
             raise ConfigError(f"{path}: threshold, age_noise and val_every must be >= 0")
 
 
-@dataclass
-class Phase2Config:
+@dataclass(frozen=True)
+class Phase2Config(_Section):
+    SECTION = "phase2"
     steps: int = 10000
     lr: float = 5e-4  # start of the exponential decay (METHOD.md 4: 1e-3 -> 1e-6 in the paper)
     lr_final: float = 5e-6
-    betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
+    betas: tuple[float, ...] = (0.5, 0.999)
 
     def validate(self, path: str) -> None:
         if self.steps < 0:
             raise ConfigError(f"{path}.steps must be >= 0, got {self.steps}")
         _positive(self, path, "lr", "lr_final")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError(f"{path}.betas must be two numbers in [0, 1), got {self.betas}")
+            raise ConfigError(f"{path}.betas must be two numbers in [0, 1), got {list(self.betas)}")
 
 
-@dataclass
-class MemoryConfig:
+@dataclass(frozen=True)
+class MemoryConfig(_Section):
+    SECTION = "memory"
     address: str | None = None  # null: rank 0 starts an embedded server in out_dir; "inproc": no server (1 process)
     name: str = "default"
     capacity: int = 1024  # slots; the paper uses 1.2 x the number of training images
@@ -159,8 +184,9 @@ class MemoryConfig:
         _choice(self, path, "durability", ("always", "batch", "none"))
 
 
-@dataclass
-class MetricsConfig:
+@dataclass(frozen=True)
+class MetricsConfig(_Section):
+    SECTION = "metrics"
     port: int | None = None  # Prometheus base port; rank r serves on port + r; null: off
 
     def validate(self, path: str) -> None:
@@ -168,7 +194,7 @@ class MetricsConfig:
             raise ConfigError(f"{path}.port must be in 0..65535 or null, got {self.port}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -179,23 +205,33 @@ class TrainConfig:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
-    def validate(self) -> None:
-        for f in dataclasses.fields(self):
-            getattr(self, f.name).validate(f.name)
-
 
 # Keys that only set the length or bookkeeping of a run: they may change on resume.
 RESUMABLE_KEYS = (
     "phase1.steps", "phase2.steps", "phase1.val_every", "run.checkpoint_every", "run.log_every",
     "run.sample_every", "run.keep_checkpoints", "run.out_dir", "run.collective_timeout_s",
-    "data.workers", "data.cache_mb", "data.train", "data.val", "memory.address", "memory.timeout_ms",
-    "memory.retries", "metrics.port",
+    "run.check_ddp_every_log", "data.workers", "data.cache_mb", "data.train", "data.val", "memory.address",
+    "memory.timeout_ms", "memory.retries", "metrics.port",
 )
-# Keys that fix the shape of a saved model: a change on resume is an error.
+# Keys that fix the shape of a saved model: a change on resume is an error. Every network option is one.
 # (model.use_memory changes what G is fed, not any shape: ablations may start from a shared phase 1.)
-SHAPE_KEYS = tuple(f"model.{f.name}" for f in dataclasses.fields(ModelConfig) if f.name != "use_memory") + (
-    "data.image_size", "memory.capacity", "memory.name",
-)
+SHAPE_KEYS = tuple(
+    f"model.{net.name}.{f.name}"
+    for net in dataclasses.fields(ModelConfig) if dataclasses.is_dataclass(net.default_factory)
+    for f in dataclasses.fields(net.default_factory)
+) + ("data.image_size", "memory.capacity", "memory.name")
+
+# The flat `model:` section written before issue 11 (configs, run dirs, checkpoints): old key -> new
+# path under `model`. `model.extractor` is old when it holds a string (the backbone's name).
+LEGACY_MODEL_KEYS = {
+    "width": "generator.width", "n_blocks_encoder": "generator.n_blocks_encoder",
+    "n_blocks_decoder": "generator.n_blocks_decoder", "antialias": "generator.antialias",
+    "mlp_dim": "generator.mlp_dim", "d_width": "discriminator.width", "d_layers": "discriminator.n_layers",
+    "num_patches": "sampler.num_patches", "patch_dim": "sampler.dim", "extractor": "extractor.backbone",
+    "extractor_dim": "extractor.dim", "extractor_width": "extractor.resnet_width",
+}
+# Keys that old files hold and that no longer mean anything: read and dropped.
+LEGACY_DROPPED = {"data": ("epoch_batches",)}
 
 
 def _positive(obj: Any, path: str, *names: str) -> None:
@@ -224,20 +260,19 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _convert(value, arg, path)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass
         raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
-    if origin is list:
-        (item,) = typing.get_args(tp)
+    if origin is tuple:
+        item = typing.get_args(tp)[0]  # tuple[X, ...]: the length is the section's to check
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
-        return [_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp):
         return _from_dict(tp, value, path)
     if tp is bool:
@@ -274,23 +309,73 @@ def _from_dict(cls: type, data: Any, path: str) -> Any:
             where = f"{path}.{key}" if path else str(key)
             raise ConfigError(f"unknown key {where} (known: {', '.join(sorted(names))})")
     kwargs = {k: _convert(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as e:  # pccnet's own checks name "Class.field"; say where it sits in the tree
+        message = str(e)
+        if message.startswith(f"{cls.__name__}."):
+            raise ConfigError(f"{path}.{message[len(cls.__name__) + 1:]}") from e
+        raise ConfigError(f"{path}: {message}") from e
 
 
 def config_from_dict(data: dict) -> TrainConfig:
-    """A validated TrainConfig from a plain nested dict."""
-    cfg = _from_dict(TrainConfig, data, "")
-    cfg.validate()
-    return cfg
+    """A validated TrainConfig from a plain nested dict (of the current schema)."""
+    return _from_dict(TrainConfig, data, "")
 
 
 def config_to_dict(cfg: Any) -> dict:
-    """Plain nested dict (YAML-safe) of a config dataclass."""
-    return dataclasses.asdict(cfg)
+    """Plain nested dict (YAML-safe: tuples become lists) of a config dataclass."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+# --- the flat schema of old configs and checkpoints -------------------------------------------------
+def _legacy_model_key(key: str, value: Any) -> str | None:
+    """The new path under `model` of an old flat model key, or None when `key` is not one."""
+    if key == "extractor" and isinstance(value, dict):
+        return None  # the new section of the same name
+    return LEGACY_MODEL_KEYS.get(key)
+
+
+def upgrade_legacy(data: dict) -> list[str]:
+    """Rewrite a loaded config dict of the flat schema into the nested one, in place; returns the old keys."""
+    upgraded = []
+    for section, keys in LEGACY_DROPPED.items():
+        node = data.get(section)
+        for key in keys:
+            if isinstance(node, dict) and key in node:
+                del node[key]
+                upgraded.append(f"{section}.{key}")
+    model = data.get("model")
+    if not isinstance(model, dict):
+        return upgraded
+    for key in list(model):
+        new = _legacy_model_key(key, model[key])
+        if new is None:
+            continue
+        part, leaf = new.split(".")
+        section = model.setdefault(part, {}) if part != key else {}
+        value = model.pop(key)
+        if part == key:  # `extractor: name` becomes `extractor: {backbone: name}`
+            model[part] = section
+        if not isinstance(section, dict) or leaf in section:
+            raise ConfigError(f"model.{key} (the old flat schema) and model.{new} are both given")
+        section[leaf] = value
+        upgraded.append(f"model.{key}")
+    return upgraded
 
 
 def apply_override(data: dict, override: str) -> None:
-    """Apply one `dotted.key=value` override in place; the value is parsed as YAML."""
+    """Apply one `dotted.key=value` override in place; the value is parsed as YAML.
+
+    An old flat model key (`model.width=8`) is applied at its new path (`model.generator.width`).
+    """
     if "=" not in override:
         raise ConfigError(f"override {override!r} must look like key.path=value")
     key, raw = override.split("=", 1)
@@ -301,6 +386,10 @@ def apply_override(data: dict, override: str) -> None:
         value = yaml.safe_load(raw) if raw.strip() != "" else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from e
+    if len(parts) == 2 and parts[0] == "model" and _legacy_model_key(parts[1], value) is not None:
+        new = f"model.{_legacy_model_key(parts[1], value)}"
+        log.warning("override %s is of the old flat schema; applied as %s", key, new)
+        parts = new.split(".")
     node = data
     for i, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
@@ -311,7 +400,10 @@ def apply_override(data: dict, override: str) -> None:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """YAML file (or none: the defaults) plus dotted overrides -> validated TrainConfig."""
+    """YAML file (or none: the defaults) plus dotted overrides -> validated TrainConfig.
+
+    A file of the flat schema (a run or checkpoint from before issue 11) is upgraded on the way in.
+    """
     data: dict = {}
     if path is not None:
         p = Path(path)
@@ -324,6 +416,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
         data = loaded or {}
+        upgraded = upgrade_legacy(data)
+        if upgraded:
+            log.info("%s is of the old flat schema; read %s at their new places", p, ", ".join(upgraded))
     for override in overrides:
         apply_override(data, override)
     return config_from_dict(data)

@@ -2,17 +2,16 @@
 
 Owns shard discovery (`expand_pattern`, `count_samples`), the worker pipeline (shard choice -> tar
 reading with a counting error handler -> shuffle -> decode/composite/crop/resize -> batched Lab and
-colour features) and the two loaders. Per-image transforms live in trainer.images; nothing here
-imports the training loop, and batches stay on the CPU (the trainer moves them to its device).
+colour features) and the two loaders. Per-image transforms live in trainer.images, the shard format
+(manifest, sample ids) in trainer.shards; nothing here imports the training loop, and batches stay on
+the CPU (the trainer moves them to its device). Building a loader reads no shard: the training stream
+is endless and resampled, so nothing needs the data set's size up front.
 """
 
 from __future__ import annotations
 
 import glob
-import hashlib
-import json
 import logging
-import math
 import os
 import random
 import re
@@ -32,14 +31,13 @@ from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expan
 
 from trainer.config import DataConfig
 from trainer.images import (
-    IMAGE_EXTENSIONS,
     ImageDecodeError,
     center_crop_resize,
-    check_image_size,
     lab_batch,
     load_rgb,
     parse_background,
 )
+from trainer.shards import IMAGE_EXTENSIONS, item_id, manifest_counts
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +46,6 @@ LOG_EVERY_S = 30.0  # ... every this many seconds
 # A training worker that meets this many failed samples / empty shards in a row (and at least twice the
 # shard count) raises instead of spinning forever on a data set with nothing usable in it.
 MAX_CONSECUTIVE_FAILURES = 500
-# Per training worker: decoded, resized pixels and colour features by sample key (both are the same on
-# every visit; only the flip is random). Few-shot sets fit whole, so later epochs skip decode, resize
-# and the colour feature. 0 disables it. Set by data.cache_mb; $PCCNET_DATA_CACHE_MB overrides it.
-ENV_CACHE_MB = os.environ.get("PCCNET_DATA_CACHE_MB")
-CACHE_MB = int(ENV_CACHE_MB) if ENV_CACHE_MB is not None else 256
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+):")  # two letters at least: not a drive letter
 _TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 
@@ -116,19 +109,6 @@ def shard_name(url: str) -> str:
     return name
 
 
-def _manifest_counts(directory: str) -> dict[str, tuple[int, int]]:
-    """{shard file name: (samples, bytes)} from every *manifest.json in a folder (make_shards' format)."""
-    out: dict[str, tuple[int, int]] = {}
-    for path in sorted(glob.glob(os.path.join(glob.escape(directory), "*manifest.json"))):
-        try:
-            manifest = json.loads(Path(path).read_text())
-            for entry in manifest["shards"]:
-                out[entry["name"]] = (int(entry["samples"]), int(entry["bytes"]))
-        except (OSError, ValueError, KeyError, TypeError) as exn:
-            logger.warning("ignoring unreadable manifest %s: %s", path, exn)
-    return out
-
-
 def _scan_shard(url: str) -> int:
     """Number of samples with an image in one shard, from its tar headers."""
     count, last_key = 0, None
@@ -159,7 +139,7 @@ def count_samples(pattern: str) -> int:
         if not _SCHEME.match(url):
             directory, name = os.path.split(os.path.abspath(url))
             if directory not in manifests:
-                manifests[directory] = _manifest_counts(directory)
+                manifests[directory] = manifest_counts(directory)
             entry = manifests[directory].get(name)
             # A manifest entry is trusted only while the shard still has the size it recorded.
             if entry is not None and entry[1] == os.path.getsize(url):
@@ -167,12 +147,6 @@ def count_samples(pattern: str) -> int:
                 continue
         total += _scan_shard(url)
     return total
-
-
-def item_id(key: str) -> int:
-    """Stable non-negative 63-bit id of a sample key (blake2b), for the memory's item_ids."""
-    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") >> 1
 
 
 # --- the worker pipeline ---------------------------------------------------------------------------
@@ -309,7 +283,10 @@ class _ShardStream(IterableDataset):
         self.image_size, self.batch_size = cfg.image_size, cfg.batch_size
         self.background, self.flip = cfg.background, cfg.flip and train
         self.shuffle_buffer = cfg.shuffle_buffer
-        self.cache_mb = CACHE_MB if ENV_CACHE_MB is not None else cfg.cache_mb
+        # Per training worker: decoded, resized pixels and colour features by sample key (both are the
+        # same on every visit; only the flip is random). Few-shot sets fit whole, so later epochs skip
+        # decode, resize and the colour feature. data.cache_mb is the only switch; 0 disables it.
+        self.cache_mb = cfg.cache_mb
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -397,12 +374,8 @@ class _ShardStream(IterableDataset):
 
 # --- loaders ---------------------------------------------------------------------------------------
 def _check_cfg(cfg: DataConfig, rank: int, world_size: int) -> None:
-    check_image_size(cfg.image_size)
+    # Sizes and counts are DataConfig's to check (it validates itself); the background is checked here.
     parse_background(cfg.background)
-    if cfg.batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size!r}")
-    if cfg.workers < 0:
-        raise ValueError(f"workers must be >= 0, got {cfg.workers!r}")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank must be in 0..world_size-1, got rank {rank!r} of world_size {world_size!r}")
 
@@ -427,17 +400,15 @@ class _CorruptTally:
 
 
 class TrainLoader:
-    """An endless iterator of training batches; `epoch()` yields exactly `epoch_batches` of them.
+    """An endless iterator of training batches.
 
     Every rank draws shards with replacement, so every rank can always produce the next batch: a
     trainer that calls next() once per step never sees StopIteration and DDP ranks stay in step.
     """
 
-    def __init__(self, dataset: _ShardStream, workers: int, epoch_batches: int) -> None:
+    def __init__(self, dataset: _ShardStream, workers: int) -> None:
         self.shards = dataset.shards
         self.num_workers = workers
-        self.epoch_batches = epoch_batches
-        self.batches_seen = 0
         self._loader = _data_loader(dataset, workers)
         self._it: Iterator[dict[str, Any]] | None = None
         self._tally = _CorruptTally()
@@ -453,18 +424,7 @@ class TrainLoader:
         except StopIteration:
             raise DataError("the resampled training stream ended; this should never happen") from None
         self._tally.see(batch)
-        self.batches_seen += 1
         return batch
-
-    def epoch(self) -> Iterator[dict[str, Any]]:
-        """The next `epoch_batches` batches (the same count on every rank)."""
-        for _ in range(self.epoch_batches):
-            yield next(self)
-
-    @property
-    def epoch_index(self) -> int:
-        """Completed epochs so far (batches_seen // epoch_batches)."""
-        return self.batches_seen // self.epoch_batches
 
     @property
     def n_corrupt(self) -> int:
@@ -510,14 +470,13 @@ class EvalLoader:
 
 
 def make_train_loader(cfg: DataConfig, rank: int, world_size: int, seed: int) -> TrainLoader:
-    """Endless, resampled training batches for one rank (see TrainLoader); deterministic given seed."""
+    """Endless, resampled training batches for one rank (see TrainLoader); deterministic given seed.
+
+    Only the shard list is checked here (local shards must exist and be tar files); no shard is read.
+    """
     _check_cfg(cfg, rank, world_size)
-    shards = expand_pattern(cfg.train)
-    epoch_batches = cfg.epoch_batches
-    if epoch_batches is None:
-        epoch_batches = max(1, math.ceil(count_samples(cfg.train) / (world_size * cfg.batch_size)))
-    dataset = _ShardStream(shards, cfg, rank, train=True, seed=seed)
-    return TrainLoader(dataset, cfg.workers, epoch_batches)
+    dataset = _ShardStream(expand_pattern(cfg.train), cfg, rank, train=True, seed=seed)
+    return TrainLoader(dataset, cfg.workers)
 
 
 def make_eval_loader(pattern: str, cfg: DataConfig, rank: int, world_size: int) -> EvalLoader:

@@ -19,8 +19,6 @@ from torch import Tensor
 
 from pccnet.color import color_distribution, normalize_ab, normalize_light, rgb_to_lab
 
-# Extensions the loader accepts as "the image" of a sample, in order of preference.
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # Pillow's fast path for large downscales: a box reduction to within this factor of the target, then
 # the Lanczos filter. Pillow documents 3.0 as indistinguishable from a full Lanczos resize; measured on
 # 100 flower photos 500-900 px -> 64 px: PSNR >= 53.6 dB against the full filter (docs/sections/data.md).

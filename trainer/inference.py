@@ -1,14 +1,16 @@
-"""Colorizing with a trained checkpoint: model loading, memory retrieval, full-resolution output.
+"""Using a trained checkpoint: colorizing images (Colorizer, colorize_files) and memorizing new ones.
 
 Colour is predicted at the model's size and its ab upsampled and joined with the input's own
 full-resolution L, so outputs keep the input's resolution and detail. The memory is the checkpoint's
-own (served by an embedded server started here) or a named memory on a running server.
+own (served by an embedded server started here) or a named memory on a running server. `memorize`
+writes colour images into a named memory of a running server, one slot each (few-shot memories).
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -17,19 +19,32 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
+from tqdm import tqdm
 
 from memory_server.client import MemoryClient, MemoryServerError, MemoryUnavailable
 from memory_server.launcher import start_server
 from pccnet.color import NUM_BINS, denormalize_ab, lab_to_rgb, normalize_light, rgb_to_lab
-from trainer.checkpoint import CheckpointError, load_for_inference
-from trainer.memory import RESTORE_CHUNK
-from trainer.models import build_extractor, build_generator, load_trainable_state
-from trainer.step import retrieve_color_feature
+from pccnet.extractor import MemoryExtractor
+from pccnet.generator import Generator
+from trainer.checkpoint import (
+    CheckpointError,
+    generator_state,
+    load_for_inference,
+    load_trainable_state,
+    restore_memory,
+)
+from trainer.config import ConfigError
+from trainer.data import DataError
+from trainer.images import center_crop_resize, image_to_sample, load_rgb
+from trainer.retrieval import retrieve_color_feature, uniform_color_feature
+from trainer.shards import item_id
 
 log = logging.getLogger(__name__)
 
-# What a user can get wrong (a path, a memory name, a server address): printed, not a traceback.
-USER_ERRORS = (CheckpointError, ValueError, FileNotFoundError, MemoryServerError, MemoryUnavailable)
+# What a user can get wrong (a path, a memory name, a server address, a config value, a data pattern):
+# printed as one line by the entry points, not a traceback.
+USER_ERRORS = (CheckpointError, ConfigError, DataError, ValueError, FileNotFoundError, MemoryServerError,
+               MemoryUnavailable)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
@@ -77,19 +92,15 @@ class Colorizer:
         self.cfg = state["config"]
         self.image_size = self.cfg.data.image_size
         self.background = self.cfg.data.background
-        self.generator = build_generator(self.cfg.model, loss=None).generator
-        gen_state = {k[len("generator."):]: v for k, v in state["models"]["generator"].items()
-                     if k.startswith("generator.")}
-        self.generator.load_state_dict(gen_state)
+        self.generator = Generator(self.cfg.model.generator)
+        self.generator.load_state_dict(generator_state(state["models"]))
         # memory_from: the extractor and memory of another checkpoint (phase 2 never reads the memory, so
         # a generator can be scored with any memory trained for the same data).
         source = state if memory_from is None else load_for_inference(memory_from, map_location="cpu")
         self.memory_source = source["path"]
-        self.extractor_dim = source["config"].model.extractor_dim
-        self.extractor = build_extractor(source["config"].model)
-        load_trainable_state(self.extractor, source["models"]["extractor"], "extractor")
+        self.extractor_dim = source["config"].model.extractor.dim
+        self.extractor = load_extractor(source, self.device)
         self.generator.to(self.device).eval()
-        self.extractor.to(self.device).eval()
         self.use_memory = self.cfg.model.use_memory
         self.memory_name = memory_name or source["config"].memory.name
         self._server = None
@@ -111,27 +122,21 @@ class Colorizer:
             self.client = MemoryClient(endpoint, timeout_ms=timeout_ms, memory=self.memory_name)
             m, dk = saved["keys"].shape
             self.client.create(capacity=m, key_dim=dk, value_dim=saved["values"].shape[1])
-            for start in range(0, m, RESTORE_CHUNK):
-                stop = min(m, start + RESTORE_CHUNK)
-                self.client.put(np.arange(start, stop, dtype=np.int64), saved["keys"][start:stop],
-                                saved["values"][start:stop], ages=saved["ages"][start:stop].astype(np.float32),
-                                item_ids=saved["item_ids"][start:stop])
+            restore_memory(self.client, saved)
         else:
             self.client = MemoryClient(endpoint, timeout_ms=timeout_ms, memory=self.memory_name)
         info = self.client.info(memory=self.memory_name)
         if "capacity" not in info:
             raise ValueError(f"memory {self.memory_name!r} does not exist on {endpoint} "
                              f"(it holds {info.get('memories')})")
-        if info["key_dim"] != self.extractor_dim or info["value_dim"] != NUM_BINS:
-            raise ValueError(f"memory {self.memory_name!r} has key_dim {info['key_dim']} and value_dim "
-                             f"{info['value_dim']}; this checkpoint needs {self.extractor_dim} and {NUM_BINS}")
+        _check_memory_shape(info, self.memory_name, self.extractor_dim)
         self.capacity = int(info["capacity"])
 
     @torch.no_grad()
     def color_features(self, light: Tensor) -> Tensor:
         """Network-scaled light [B,1,S,S] -> the colour feature the generator is conditioned on."""
         if not self.use_memory:
-            return torch.full((light.shape[0], NUM_BINS), 1.0 / NUM_BINS, device=light.device)
+            return uniform_color_feature(light.shape[0], light.device)
         return self.retrieve(light)
 
     @torch.no_grad()
@@ -192,3 +197,129 @@ class Colorizer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def load_extractor(state: dict, device: torch.device | str = "cpu") -> MemoryExtractor:
+    """The memory feature extractor of a load_for_inference() dict, in eval mode on `device`."""
+    extractor = MemoryExtractor(state["config"].model.extractor)
+    load_trainable_state(extractor, state["models"]["extractor"], "extractor")
+    return extractor.to(device).eval()
+
+
+def output_names(paths: list[Path]) -> list[str]:
+    """<stem>.png per input; inputs sharing a stem get _1, _2, ... so nothing is overwritten."""
+    used: dict[str, int] = {}
+    names = []
+    for p in paths:
+        n = used.get(p.stem, 0)
+        used[p.stem] = n + 1
+        names.append(f"{p.stem}.png" if n == 0 else f"{p.stem}_{n}.png")
+    return names
+
+
+def colorize_files(col: Colorizer, paths: list[Path], out_dir: str | Path, batch_size: int = 8,
+                   progress: bool = True) -> list[tuple[Path, str]]:
+    """Colour PNGs of `paths` into out_dir (see output_names); returns the (path, reason) of unreadable inputs."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = output_names(paths)
+    failed = []
+    with tqdm(total=len(paths), desc="colorize", unit="img", disable=not progress) as bar:
+        for start in range(0, len(paths), batch_size):
+            images, ok = [], []
+            for i in range(start, min(len(paths), start + batch_size)):
+                try:
+                    images.append(load_rgb(paths[i], background=col.background))
+                    ok.append(i)
+                except Exception as e:  # report unreadable inputs by name and go on with the rest
+                    failed.append((paths[i], str(e)))
+            for i, arr in zip(ok, col.colorize_images(images)):
+                Image.fromarray(arr).save(out_dir / names[i])
+            bar.update(min(len(paths), start + batch_size) - start)
+    return failed
+
+
+def _check_memory_shape(info: dict, name: str, key_dim: int) -> None:
+    if (info["key_dim"], info["value_dim"]) != (key_dim, NUM_BINS):
+        raise ValueError(f"memory {name!r} has key_dim {info['key_dim']} and value_dim {info['value_dim']}; "
+                         f"this checkpoint needs {key_dim} and {NUM_BINS}")
+
+
+def _open_named_memory(client: MemoryClient, name: str, capacity: int, key_dim: int) -> tuple[int, bool]:
+    """Create memory `name` if absent: (its capacity, whether it was created). Another shape is a ValueError."""
+    info = client.info(memory=name)
+    if "capacity" not in info:
+        client.create(capacity=capacity, key_dim=key_dim, value_dim=NUM_BINS, memory=name)
+        return capacity, True
+    _check_memory_shape(info, name, key_dim)
+    return int(info["capacity"]), False
+
+
+def memorize(checkpoint: str | Path, endpoint: str, name: str, paths: list[Path], capacity: int = 1024,
+             batch_size: int = 16, device: str | None = None, progress: bool = True) -> dict:
+    """Write each colour image into memory `name` on a running server, a slot of its own.
+
+    Its key is the checkpoint extractor's query of its gray version, its value its 313-bin colour
+    distribution; an update with threshold 0 is a miss for every row. The memory is created (with
+    `capacity` slots) if absent. Returns {'written': [(path, slot)], 'failed': [(path, reason)], 'capacity',
+    'created'}.
+    """
+    state = load_for_inference(checkpoint)
+    cfg = state["config"]
+    dev = pick_device(device)
+    extractor = load_extractor(state, dev)
+    size = cfg.data.image_size
+    written, failed = [], []
+    with MemoryClient(endpoint, memory=name) as client:
+        capacity, created = _open_named_memory(client, name, capacity, cfg.model.extractor.dim)
+        if len(paths) > capacity:
+            log.warning("%d images into %d slots: the oldest writes are replaced", len(paths), capacity)
+        step = min(batch_size, capacity)
+        for start in tqdm(range(0, len(paths), step), desc="memorize", unit="batch", disable=not progress):
+            samples, names = [], []
+            for p in paths[start:start + step]:
+                try:
+                    samples.append(image_to_sample(center_crop_resize(load_rgb(p, cfg.data.background), size), size))
+                    names.append(p)
+                except Exception as e:  # report unreadable files by name, keep going
+                    failed.append((p, str(e)))
+            if not samples:
+                continue
+            with torch.no_grad():
+                keys = extractor(torch.stack([s["light"] for s in samples]).to(dev))
+            reply = client.update(keys.float().cpu().numpy(), torch.stack([s["color_feature"] for s in samples]).numpy(),
+                                  threshold=0.0, age_noise=0.0, memory=name,
+                                  item_ids=np.asarray([item_id(str(p)) for p in names], dtype=np.int64))
+            written.extend(zip(names, reply["slots"].tolist()))
+    return {"written": written, "failed": failed, "capacity": capacity, "created": created}
+
+
+def colorize_command(checkpoint: str | Path, inputs: list[str], output: str | Path, memory: str | None = None,
+                     memory_name: str | None = None, batch_size: int = 8, device: str | None = None) -> int:
+    """launch/colorize.py: colour PNGs of every input; prints the skipped ones and a summary.
+
+    Exit code 1 when no input could be read, else 0.
+    """
+    paths = expand_inputs(inputs)
+    with Colorizer(checkpoint, device=device, memory=memory, memory_name=memory_name) as col:
+        failed = colorize_files(col, paths, output, batch_size)
+    for path, why in failed:
+        print(f"skipped {path}: {why}", file=sys.stderr)
+    print(f"colorized {len(paths) - len(failed)} of {len(paths)} images into {output}")
+    return 1 if failed and len(failed) == len(paths) else 0
+
+
+def memorize_command(checkpoint: str | Path, endpoint: str, name: str, inputs: list[str], capacity: int = 1024,
+                     batch_size: int = 16, device: str | None = None) -> int:
+    """launch/memorize.py: memorize every input image and print its slot; exit code 1 when none was written."""
+    paths = expand_inputs(inputs)
+    report = memorize(checkpoint, endpoint, name, paths, capacity, batch_size, device)
+    if report["created"]:
+        print(f"created memory {name!r} on {endpoint}: {report['capacity']} slots")
+    for p, why in report["failed"]:
+        print(f"skipped {p}: {why}", file=sys.stderr)
+    for p, slot in report["written"]:
+        print(f"slot {slot:6d}  {p}")
+    print(f"memorized {len(report['written'])} of {len(paths)} images into memory {name!r} on {endpoint}")
+    return 0 if report["written"] else 1
+

@@ -3,7 +3,8 @@
 One process per device, launched by accelerate, torchrun or plain python. Steps are global and count
 both phases: steps [0, phase1.steps) train the memory, the rest the colorization networks. Every rank
 runs the same number of steps (the train loader is an endless resampled stream), so DDP never waits on
-uneven data; a failure on any rank surfaces within run.collective_timeout_s.
+uneven data; a failure on any rank surfaces within run.collective_timeout_s. What a checkpoint holds
+and how it is read back is trainer.checkpoint's; retrieval is trainer.retrieval's.
 """
 
 from __future__ import annotations
@@ -13,53 +14,37 @@ import logging
 import os
 import sys
 import time
-from datetime import timedelta
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.utils import (
-    InitProcessGroupKwargs,
-    broadcast_object_list,
-    gather_object,
-)
+from accelerate.utils import broadcast_object_list, gather_object
 from tqdm import tqdm
 
 from pccnet.color import NUM_BINS
-from pccnet.losses import kl_divergence
+from pccnet.discriminator import PatchDiscriminator
+from pccnet.extractor import MemoryExtractor
 from trainer import checkpoint as ckpt_io
-from trainer.config import TrainConfig, config_to_dict, resume_differences, save_config
-from trainer.data import make_eval_loader, make_train_loader
+from trainer.config import ConfigError, Phase2Config, TrainConfig, config_to_dict, load_config, save_config
+from trainer.data import expand_pattern, make_eval_loader, make_train_loader
+from trainer.distributed import check_ddp_consistency, make_accelerator, max_param_diff
 from trainer.memory import TrainerMemory
-from trainer.models import (
-    build_discriminator,
-    build_extractor,
-    build_generator,
-    load_trainable_state,
-    trainable_state,
-)
-from trainer.stats import JsonlWriter, Stats, TrainerMetrics, read_jsonl
-from trainer.step import StepContext, gan_step, memory_step, retrieve_color_feature
-from trainer.visual import plot_curves, save_sample_grid
+from trainer.models import build_generator
+from trainer.retrieval import collapse_warning, retrieval_kl, uniform_color_feature
+from trainer.stats import JsonlWriter, Stats, TrainerMetrics
+from trainer.step import StepContext, gan_step, memory_step
+from trainer.visual import plot_run_curves, save_sample_grid
 
 log = logging.getLogger("trainer")
 
-
-def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    """Accelerator on CUDA when present, else N CPU processes over gloo (cpu=True must reach it)."""
-    return Accelerator(
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=cfg.run.mixed_precision,
-        kwargs_handlers=[
-            InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.run.collective_timeout_s)),
-        ],
-    )
+PROBE_IMAGES = 32  # phase-1 training images kept for the collapse check
 
 
-def _exp_decay(lr0: float, lr1: float, steps: int):
-    ratio = lr1 / lr0
+def lr_decay(phase2: Phase2Config):
+    """LambdaLR factor of phase-2 step t: exponential from phase2.lr to phase2.lr_final, then flat."""
+    ratio, steps = phase2.lr_final / phase2.lr, phase2.steps
 
     def factor(t: int) -> float:
         return ratio ** (min(t, steps) / max(steps, 1))
@@ -71,38 +56,16 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
-def find_resume(cfg: TrainConfig, resume: str | None) -> Path | None:
-    """'auto': the run's latest checkpoint or none; a path: that checkpoint (or run dir); None: fresh."""
-    if resume in (None, "", "none", "never"):
-        return None
-    if resume == "auto":
-        found = ckpt_io.list_checkpoints(cfg.run.out_dir)
-        return found[-1] if found else None
-    return ckpt_io.resolve_checkpoint(resume)
-
-
-def check_resume_config(saved: TrainConfig, cfg: TrainConfig, where: Path) -> list[str]:
-    """Raise on a model-shape change; return the other changed keys (logged as warnings)."""
-    diff = resume_differences(saved, cfg)
-    if diff["shape"]:
-        detail = ", ".join(f"{k}" for k in diff["shape"])
-        raise ckpt_io.CheckpointError(
-            f"cannot resume from {where}: these keys change the saved model's shape: {detail}. "
-            "Start a new run (another run.out_dir) or restore the saved values."
-        )
-    return diff["other"]
-
-
 class Runner:
     """Holds what the loop needs; `run()` is the readable top level."""
 
     def __init__(self, cfg: TrainConfig, resume: str | None) -> None:
         self.cfg = cfg
-        self.acc = make_accelerator(cfg)
+        self.acc = make_accelerator(cfg.run)
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.main = self.acc.is_main_process
         self.out_dir = Path(cfg.run.out_dir)
-        self.resume_from = find_resume(cfg, resume)
+        self.resume_from = ckpt_io.find_resume(cfg.run.out_dir, resume)
         self.memory = None
         self.metrics = None
         self.jsonl = None
@@ -110,6 +73,7 @@ class Runner:
         self.total_steps = cfg.phase1.steps + cfg.phase2.steps
         self.start_step = 0
         self.sample_batch = None
+        self.phase1_probe: list[torch.Tensor] = []  # a few phase-1 images, for the collapse check
 
     # --- set-up -----------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -119,129 +83,68 @@ class Runner:
             save_config(cfg, self.out_dir / "config.yaml")
         torch.manual_seed(cfg.run.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
         np.random.seed(cfg.run.seed + self.rank)
-        self.extractor = build_extractor(cfg.model)
-        self.gen = build_generator(cfg.model, cfg.loss)
-        self.disc = build_discriminator(cfg.model)
-        self.opt_m = torch.optim.Adam([p for p in self.extractor.parameters() if p.requires_grad], lr=cfg.phase1.lr)
+        extractor = MemoryExtractor(cfg.model.extractor)
+        gen = build_generator(cfg.model.generator, cfg.model.sampler if cfg.loss.needs_patches else None)
+        disc = PatchDiscriminator(cfg.model.discriminator)
+        opt_m = torch.optim.Adam([p for p in extractor.parameters() if p.requires_grad], lr=cfg.phase1.lr)
         betas = tuple(cfg.phase2.betas)
-        self.opt_g = torch.optim.Adam(self.gen.parameters(), lr=cfg.phase2.lr, betas=betas)
-        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=cfg.phase2.lr, betas=betas)
-        decay = _exp_decay(cfg.phase2.lr, cfg.phase2.lr_final, cfg.phase2.steps)
+        opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.phase2.lr, betas=betas)
+        opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.phase2.lr, betas=betas)
         # Not passed to accelerate.prepare: its scheduler wrapper steps once per process per step.
-        self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, decay)
-        self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, decay)
-        resumed = self._load_checkpoint() if self.resume_from is not None else None
+        self.sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lr_decay(cfg.phase2))
+        self.sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lr_decay(cfg.phase2))
+        resumed = None
+        if self.resume_from is not None:
+            resumed = self._resume(ckpt_io.TrainingParts(extractor, gen, disc, opt_m, opt_g, opt_d, self.sched_g,
+                                                         self.sched_d))
         self.extractor, self.gen, self.disc, self.opt_m, self.opt_g, self.opt_d = acc.prepare(
-            self.extractor, self.gen, self.disc, self.opt_m, self.opt_g, self.opt_d
+            extractor, gen, disc, opt_m, opt_g, opt_d
         )
         self.metrics = TrainerMetrics(self.rank, None if cfg.metrics.port is None else cfg.metrics.port + self.rank)
-        self.memory = TrainerMemory(cfg.memory, self.out_dir, self.rank,
-                                    broadcast_object=(lambda o: broadcast_object_list([o])[0]) if self.world > 1
-                                    else None)
-        if self.main:
-            info = self.memory.ensure(cfg.memory.capacity, cfg.model.extractor_dim, NUM_BINS, cfg.run.seed)
-            if resumed is not None and resumed["memory"] is not None:
-                version = self.memory.restore(resumed["memory"])
-                log.info("memory %r restored from %s (server version now %d)", cfg.memory.name,
-                         resumed["path"], version)
-            log.info("memory %r at %s: capacity %s, filled %s, backend %s", cfg.memory.name, self.memory.endpoint,
-                     info.get("capacity"), info.get("filled"), info.get("backend"))
+        self._open_memory(resumed)
         acc.wait_for_everyone()
         self.loader = make_train_loader(cfg.data, self.rank, self.world, cfg.run.seed + 7919 * self.start_step)
-        self.phase1_probe: list[torch.Tensor] = []  # a few phase-1 images, for the collapse check
         if self.main:
             self.jsonl = JsonlWriter(self.out_dir / "stats.jsonl")
         self.ctx = StepContext(accelerator=acc, loss=cfg.loss, phase1=cfg.phase1, use_memory=cfg.model.use_memory,
                                world_size=self.world, seed=cfg.run.seed)
         self.patch_rng = torch.Generator().manual_seed(cfg.run.seed * 31 + self.rank)
 
-    def _load_checkpoint(self) -> dict:
+    def _resume(self, parts: ckpt_io.TrainingParts) -> dict:
         state = ckpt_io.load_checkpoint(self.resume_from)
-        changed = check_resume_config(state["config"], self.cfg, state["path"])
-        for key in changed:
+        for key in ckpt_io.check_resume_config(state["config"], self.cfg, state["path"]):
             log.warning("resume: %s differs from the checkpoint's config; using the new value", key)
-        models, optim = state["models"], state["optim"]
-        load_trainable_state(self.extractor, models["extractor"], "extractor")
-        self.disc.load_state_dict(models["discriminator"])
-        gen_state = models["generator"]
-        has_sampler = self.gen.sampler is not None
-        if not has_sampler:
-            gen_state = {k: v for k, v in gen_state.items() if not k.startswith("sampler.")}
-        missing, unexpected = self.gen.load_state_dict(gen_state, strict=False)
-        if unexpected or [k for k in missing if not k.startswith("sampler.")]:
-            raise ckpt_io.CheckpointError(f"{state['path']}: generator keys differ: {missing[:3]} {unexpected[:3]}")
-        self.opt_m.load_state_dict(optim["opt_m"])
-        self.opt_d.load_state_dict(optim["opt_d"])
-        saved_params = sum(len(g["params"]) for g in optim["opt_g"]["param_groups"])
-        if saved_params == len(list(self.gen.parameters())):
-            self.opt_g.load_state_dict(optim["opt_g"])
-        else:  # the patch sampler was switched on or off: its Adam moments cannot carry over
-            log.warning("resume: the generator optimizer covers a different parameter set; starting it afresh")
-        self.sched_g.load_state_dict(optim["sched_g"])
-        self.sched_d.load_state_dict(optim["sched_d"])
-        self.start_step = int(state["meta"]["step"])
-        rng = state["rng"]
-        if rng is not None and len(rng) == self.world:
-            ckpt_io.set_rng_state(rng[self.rank])
-        elif rng is not None:
-            log.warning("resume: checkpoint has RNG states of %d ranks, this run has %d; reseeding",
-                        len(rng), self.world)
+        self.start_step = ckpt_io.restore_training(parts, state, self.rank, self.world)
         if self.main:
             log.info("resuming from %s at step %d", state["path"], self.start_step)
         return state
 
+    def _open_memory(self, resumed: dict | None) -> None:
+        cfg = self.cfg
+        self.memory = TrainerMemory(cfg.memory, self.out_dir, self.rank,
+                                    broadcast_object=(lambda o: broadcast_object_list([o])[0]) if self.world > 1
+                                    else None)
+        if not self.main:
+            return
+        info = self.memory.ensure(cfg.memory.capacity, cfg.model.extractor.dim, NUM_BINS, cfg.run.seed)
+        if resumed is not None and resumed["memory"] is not None:
+            version = self.memory.restore(resumed["memory"])
+            log.info("memory %r restored from %s (server version now %d)", cfg.memory.name, resumed["path"], version)
+        log.info("memory %r at %s: capacity %s, filled %s, backend %s", cfg.memory.name, self.memory.endpoint,
+                 info.get("capacity"), info.get("filled"), info.get("backend"))
+
     # --- the loop ---------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        cfg = self.cfg
         # Redraw often on a terminal, rarely into a log file (each redraw is a line there).
         bar = tqdm(total=self.total_steps, initial=self.start_step, disable=not self.main, dynamic_ncols=True,
                    desc="train", mininterval=0.5 if sys.stderr.isatty() else 30.0)
-        last_logged: dict[str, float] = {}
+        self.last_logged: dict[str, float] = {}
+        self.window = [time.perf_counter(), 0]  # start of the log interval, images seen in it (all ranks)
         step = self.start_step
-        window_t, window_images = time.perf_counter(), 0
         for step in range(self.start_step, self.total_steps):
-            phase = 1 if step < cfg.phase1.steps else 2
-            t0 = time.perf_counter()
-            batch = _to_device(next(self.loader), self.acc.device)
-            t_data = time.perf_counter() - t0
-            if phase == 1:
-                scalars, timings = memory_step(self.ctx, self.extractor, self.opt_m, batch, self.memory, step)
-                if self.main and sum(x.shape[0] for x in self.phase1_probe) < 32:
-                    self.phase1_probe.append(batch["light"][:8].detach().cpu())
-            else:
-                scalars, timings = gan_step(self.ctx, self.gen, self.disc, self.opt_g, self.opt_d, batch,
-                                            self.patch_rng)
-                self.sched_g.step()
-                self.sched_d.step()
-                if self.sample_batch is None:
-                    self.sample_batch = {k: v[:4] for k, v in batch.items() if isinstance(v, torch.Tensor)}
-            t_step = time.perf_counter() - t0
-            timings.update(data=t_data, step=t_step)
-            images = batch["light"].shape[0]
-            window_images += images * self.world
-            for k, v in scalars.items():
-                self.stats.report(k, v)
-            for part, seconds in timings.items():
-                self.stats.report(f"time/{part}_s", seconds)
-            self.stats.report("data/corrupt", float(self.loader.n_corrupt))  # per rank; the log shows the mean
-            self.metrics.corrupt.labels(self.metrics.rank).set(self.loader.n_corrupt)
-            self.metrics.observe_step(images, timings, scalars)
-            done = step + 1
-            if done % cfg.run.log_every == 0 or done == self.total_steps or done == cfg.phase1.steps:
-                now = time.perf_counter()
-                rate = window_images / max(now - window_t, 1e-9)
-                window_t, window_images = now, 0
-                last_logged = self._log(done, phase, rate, bar)
-            if phase == 1 and cfg.data.val and cfg.phase1.val_every and done % cfg.phase1.val_every == 0:
-                self._log_row(done, {"val/retrieval_acc": self.retrieval_accuracy()})
-            if done == cfg.phase1.steps and cfg.data.val:
-                self._log_row(done, {"val/retrieval_acc": self.retrieval_accuracy()})
-            if done == cfg.phase1.steps and self.main:
-                self._warn_if_collapsed()
-            if phase == 2 and self.main and done % cfg.run.sample_every == 0:
-                self._save_samples(done)
-            if done % cfg.run.checkpoint_every == 0 or done == self.total_steps:
-                self.save(done)
+            phase = 1 if step < self.cfg.phase1.steps else 2
+            self.train_step(step, phase)
+            self.after_step(step + 1, phase, bar)
             bar.update(1)
         bar.close()
         if self.start_step >= self.total_steps and self.total_steps > 0 and self.main:
@@ -249,16 +152,62 @@ class Runner:
         if self.main:
             if self.sample_batch is not None:
                 self._save_samples(self.total_steps, name="final")
-            rows = read_jsonl(self.out_dir / "stats.jsonl")
-            curves: dict[str, list] = {}
-            for row in rows:
-                for k, v in row.items():
-                    if k.startswith(("loss/", "mem/", "val/")) and isinstance(v, (int, float)):
-                        curves.setdefault(k, []).append((row["step"], v))
-            plot_curves(curves, self.out_dir / "loss_curves.png")
-        return {"step": max(step + 1, self.start_step), "last": last_logged, "out_dir": str(self.out_dir)}
+            plot_run_curves(self.out_dir / "stats.jsonl", self.out_dir / "loss_curves.png")
+        return {"step": max(step + 1, self.start_step), "last": self.last_logged, "out_dir": str(self.out_dir)}
 
-    def _log(self, done: int, phase: int, rate: float, bar) -> dict[str, float]:
+    def train_step(self, step: int, phase: int) -> None:
+        """One step of the phase, its scalars and timings reported to the stats and metrics."""
+        t0 = time.perf_counter()
+        batch = _to_device(next(self.loader), self.acc.device)
+        t_data = time.perf_counter() - t0
+        if phase == 1:
+            scalars, timings = memory_step(self.ctx, self.extractor, self.opt_m, batch, self.memory, step)
+            if self.main and sum(x.shape[0] for x in self.phase1_probe) < PROBE_IMAGES:
+                self.phase1_probe.append(batch["light"][:8].detach().cpu())
+        else:
+            scalars, timings = gan_step(self.ctx, self.gen, self.disc, self.opt_g, self.opt_d, batch, self.patch_rng)
+            self.sched_g.step()
+            self.sched_d.step()
+            if self.sample_batch is None:
+                self.sample_batch = {k: v[:4] for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        timings.update(data=t_data, step=time.perf_counter() - t0)
+        images = batch["light"].shape[0]
+        self.window[1] += images * self.world
+        for k, v in scalars.items():
+            self.stats.report(k, v)
+        for part, seconds in timings.items():
+            self.stats.report(f"time/{part}_s", seconds)
+        self.stats.report("data/corrupt", float(self.loader.n_corrupt))  # per rank; the log shows the mean
+        self.metrics.corrupt.labels(self.metrics.rank).set(self.loader.n_corrupt)
+        self.metrics.observe_step(images, timings, scalars)
+
+    def after_step(self, done: int, phase: int, bar) -> None:
+        """What falls due after `done` steps: log line, validation, collapse check, samples, checkpoint."""
+        cfg = self.cfg
+        end_of_phase1 = done == cfg.phase1.steps
+        if done % cfg.run.log_every == 0 or done == self.total_steps or end_of_phase1:
+            self.last_logged = self._log(done, phase, bar)
+            if cfg.run.check_ddp_every_log:
+                check_ddp_consistency(self._modules(), done)
+        if cfg.data.val and phase == 1 and (end_of_phase1 or (cfg.phase1.val_every and
+                                                              done % cfg.phase1.val_every == 0)):
+            self._log_row(done, {"val/retrieval_acc": self.retrieval_accuracy()})
+        if end_of_phase1 and self.main:
+            self._warn_if_collapsed()
+        if phase == 2 and self.main and done % cfg.run.sample_every == 0:
+            self._save_samples(done)
+        if done % cfg.run.checkpoint_every == 0 or done == self.total_steps:
+            self.save(done)
+
+    def _modules(self) -> dict[str, torch.nn.Module]:
+        unwrap = self.acc.unwrap_model
+        return {"extractor": unwrap(self.extractor), "generator": unwrap(self.gen),
+                "discriminator": unwrap(self.disc)}
+
+    def _log(self, done: int, phase: int, bar) -> dict[str, float]:
+        now = time.perf_counter()
+        rate = self.window[1] / max(now - self.window[0], 1e-9)
+        self.window = [now, 0]
         means = self.stats.collect(gather_object if self.world > 1 else None)
         means.update({"step": done, "phase": phase, "images_per_s": rate})
         if means.get("time/step_s", 0) > 0:
@@ -278,44 +227,42 @@ class Runner:
             self.jsonl.write(dict(row, step=done))
             log.info("step %d: %s", done, ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
 
-    @torch.no_grad()
-    def _retrieve(self, light: torch.Tensor, memory) -> tuple[torch.Tensor, np.ndarray]:
-        """Test-time retrieval with the unwrapped extractor in eval mode (training mode restored)."""
+    @contextmanager
+    def _eval_extractor(self):
+        """The unwrapped extractor in eval mode, as at test time (its training mode restored after)."""
         extractor = self.acc.unwrap_model(self.extractor)
         was_training = extractor.training
         extractor.eval()
         try:
-            return retrieve_color_feature(extractor, light.to(self.acc.device), memory,
-                                          capacity=self.cfg.memory.capacity)
+            yield extractor
         finally:
             extractor.train(was_training)
 
+    @torch.no_grad()
     def _warn_if_collapsed(self) -> None:
-        """A threshold too loose for the data makes every update a hit on one slot whose key drifts to the
-        mean of all queries; then that slot answers everything (docs/RESULTS.md). Checked on up to 32
-        phase-1 images: nothing written, or one slot answering all of them, is reported."""
+        """Retrieve for up to 32 phase-1 images; warn when nothing was written or one slot answers them all."""
         if not self.phase1_probe:
             return
         probe = torch.cat(self.phase1_probe)
         info = self.memory.info()
         filled, capacity = int(info.get("filled", 0)), int(info.get("capacity", 0))
-        # On the bare client: run_summary's per-rank counts stay those of training.
-        answers = len(np.unique(self._retrieve(probe, self.memory.client)[1])) if filled else 0
-        if filled == 0 or (probe.shape[0] >= 8 and answers == 1):
-            log.warning("the phase-1 memory collapsed: %d of %d slots written, %d slot(s) answer %d training "
-                        "images; phase1.threshold %g is probably too loose for this data (nearly every update "
-                        "is a hit); see launch/calibrate_threshold.py", filled, capacity, answers,
-                        probe.shape[0], self.cfg.phase1.threshold)
+        answers = 0
+        if filled:
+            with self._eval_extractor() as extractor:
+                answers = len(np.unique(self.memory.retrieve(extractor, probe.to(self.acc.device))[1]))
+        warning = collapse_warning(filled, capacity, answers, probe.shape[0], self.cfg.phase1.threshold)
+        if warning:
+            log.warning(warning)
 
     @torch.no_grad()
     def retrieval_accuracy(self) -> float:
         """Share of data.val images whose retrieved value (as at test time) is within the KL threshold of their own."""
         hits = total = 0
-        for batch in make_eval_loader(self.cfg.data.val, self.cfg.data, self.rank, self.world):
-            c, _ = self._retrieve(batch["light"], self.memory)
-            kl = kl_divergence(c.cpu().double(), batch["color_feature"].double())
-            hits += int((kl < self.cfg.phase1.threshold).sum())
-            total += c.shape[0]
+        with self._eval_extractor() as extractor:
+            for batch in make_eval_loader(self.cfg.data.val, self.cfg.data, self.rank, self.world):
+                c, _ = self.memory.retrieve(extractor, batch["light"].to(self.acc.device))
+                hits += int((retrieval_kl(c, batch["color_feature"]) < self.cfg.phase1.threshold).sum())
+                total += c.shape[0]
         if self.world > 1:
             parts = gather_object([(hits, total)])
             hits, total = sum(p[0] for p in parts), sum(p[1] for p in parts)
@@ -327,51 +274,37 @@ class Runner:
         was_training = gen.training
         gen.eval()
         with torch.no_grad():
-            c = b["color_feature"] if self.cfg.model.use_memory else torch.full_like(b["color_feature"], 1 / NUM_BINS)
+            c = b["color_feature"] if self.cfg.model.use_memory else uniform_color_feature(
+                b["light"].shape[0], b["light"].device)
             fake = gen(b["light"], c)
         gen.train(was_training)
         save_sample_grid(self.out_dir / "samples" / f"{name or f'step-{done:07d}'}.png", b["light"], fake, b["ab"])
-
-    def ddp_max_param_diff(self) -> float:
-        """Largest |difference| of any parameter between this rank and rank 0 (NVlabs-style check)."""
-        if self.world == 1:
-            return 0.0
-        worst = torch.zeros((), device=self.acc.device)
-        for module in (self.extractor, self.gen, self.disc):
-            for p in self.acc.unwrap_model(module).parameters():
-                ref = p.detach().clone()
-                torch.distributed.broadcast(ref, src=0)
-                worst = torch.maximum(worst, (p.detach() - ref).abs().max())
-        torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MAX)
-        return float(worst)
 
     def write_summary(self, result: dict[str, Any]) -> None:
         """run_summary.json: per-rank memory traffic, DDP consistency, where the run started and ended."""
         mine = {"rank": self.rank, "pid": os.getpid(), "memory_queries": self.memory.calls["query"],
                 "memory_updates": self.memory.calls["update"]}
         ranks = gather_object([mine]) if self.world > 1 else [mine]
-        diff = self.ddp_max_param_diff()
+        diff = max_param_diff(self._modules(), self.acc.device)
         if self.main:
             summary = dict(result, ranks=ranks, ddp_max_param_diff=diff, world_size=self.world,
                            start_step=self.start_step, resumed_from=str(self.resume_from) if self.resume_from else None)
             (self.out_dir / "run_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
 
     def save(self, done: int) -> None:
-        """Checkpoint at global step `done`: all ranks' updates for it have landed (barrier) first."""
+        """Checkpoint at global step `done`: all ranks' updates for it have landed (barrier) and the ranks
+        agree on every parameter (a diverged model is never saved)."""
         t0 = time.perf_counter()
         acc = self.acc
         acc.wait_for_everyone()
+        check_ddp_consistency(self._modules(), done)
         rng = gather_object([ckpt_io.rng_state()]) if self.world > 1 else [ckpt_io.rng_state()]
         if self.main:
             memory_state = self.memory.export()
-            models = {
-                "generator": acc.unwrap_model(self.gen).state_dict(),
-                "discriminator": acc.unwrap_model(self.disc).state_dict(),
-                "extractor": trainable_state(acc.unwrap_model(self.extractor)),
-            }
-            optim = {"opt_m": self.opt_m.state_dict(), "opt_g": self.opt_g.state_dict(),
-                     "opt_d": self.opt_d.state_dict(), "sched_g": self.sched_g.state_dict(),
-                     "sched_d": self.sched_d.state_dict()}
+            modules = self._modules()
+            parts = ckpt_io.TrainingParts(modules["extractor"], modules["generator"], modules["discriminator"],
+                                          self.opt_m, self.opt_g, self.opt_d, self.sched_g, self.sched_d)
+            models, optim = parts.state_dicts()
             meta = {"phase": 1 if done <= self.cfg.phase1.steps else 2, "world_size": self.world,
                     "writer_rank": self.rank, "writer_pid": os.getpid(),
                     "memory_version": int(memory_state["version"]), "memory_name": self.cfg.memory.name,
@@ -409,3 +342,15 @@ def run(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
+
+def train(config: str | Path | None, overrides: list[str] | tuple[str, ...] = (), resume: str | None = "auto"
+          ) -> dict[str, Any]:
+    """launch/train.py: the config file plus overrides, checked to name training data that exists, then run()."""
+    cfg = load_config(config, overrides)
+    if not cfg.data.train:
+        raise ConfigError("data.train must name the training shards (e.g. data/shards/x/train-{000000..000003}.tar)")
+    expand_pattern(cfg.data.train)  # a wrong pattern fails here, before any process or server starts
+    result = run(cfg, resume=resume)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"done: step {result['step']}, outputs in {result['out_dir']}")
+    return result

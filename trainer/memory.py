@@ -3,7 +3,8 @@
 With `memory.address: null`, rank 0 spawns `python -m memory_server` on a free loopback port with its
 data directory inside the run's out_dir, waits for READY and shares the endpoint with every rank; it
 stops the server (SIGTERM: snapshot, exit 0) when the run ends, also on errors. Every rank then holds
-its own MemoryClient; all of them read and update the one shared memory.
+its own MemoryClient; all of them read and update the one shared memory. `calls` counts the training
+traffic (phase-1 queries and updates); retrieval for validation and checks is not counted.
 """
 
 from __future__ import annotations
@@ -12,16 +13,16 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from torch import Tensor, nn
 
 from memory_server.client import MemoryClient
 from memory_server.launcher import start_server
 from memory_server.local import InProcessMemory
+from trainer.checkpoint import restore_memory
 from trainer.config import MemoryConfig
+from trainer.retrieval import retrieve_color_feature
 
 log = logging.getLogger(__name__)
-
-# Rows per put when restoring a memory: keeps each request well under the server's message limit.
-RESTORE_CHUNK = 4096
 
 
 class TrainerMemory:
@@ -80,16 +81,11 @@ class TrainerMemory:
 
     def restore(self, state: dict[str, np.ndarray]) -> int:
         """Overwrite every slot with a checkpoint's export; returns the server's version afterwards."""
-        n = state["keys"].shape[0]
-        version = -1
-        for start in range(0, n, RESTORE_CHUNK):
-            stop = min(n, start + RESTORE_CHUNK)
-            reply = self.client.put(
-                np.arange(start, stop, dtype=np.int64), state["keys"][start:stop], state["values"][start:stop],
-                ages=state["ages"][start:stop].astype(np.float32), item_ids=state["item_ids"][start:stop],
-            )
-            version = int(reply["version"])
-        return version
+        return restore_memory(self.client, state)
+
+    def retrieve(self, extractor: nn.Module, light: Tensor) -> tuple[Tensor, np.ndarray]:
+        """Test-time retrieval (trainer.retrieval) from this memory; not counted as training traffic."""
+        return retrieve_color_feature(extractor, light, self.client, capacity=self.cfg.capacity)
 
     def close(self) -> None:
         try:
@@ -101,15 +97,3 @@ class TrainerMemory:
                     log.warning("embedded memory server exited with code %s", code)
                 self.server = None
 
-
-def save_memory_state(state: dict, path: str | Path) -> None:
-    """A memory export as an .npz (arrays only, loadable without pickle)."""
-    arrays = {k: np.asarray(state[k]) for k in ("keys", "values", "ages", "item_ids")}
-    np.savez(path, version=np.int64(state.get("version", -1)), **arrays)
-
-
-def load_memory_state(path: str | Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
-        out = {k: z[k] for k in ("keys", "values", "ages", "item_ids")}
-        out["version"] = int(z["version"])
-    return out

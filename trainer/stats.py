@@ -84,8 +84,6 @@ def read_jsonl(path: str | Path) -> list[dict]:
 class TrainerMetrics:
     """Prometheus metrics of one rank (SYSTEMS.md section 7), served on 127.0.0.1:port when given."""
 
-    PHASES = ("data", "forward", "backward", "optim", "memory_rpc", "step")
-
     def __init__(self, rank: int, port: int | None) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -101,8 +99,6 @@ class TrainerMetrics:
         self.loss = Gauge("trainer_loss", "Latest loss values", ["rank", "loss"], registry=r)
         self.data_wait = Counter("trainer_data_wait_seconds", "Time spent waiting for batches", ["rank"],
                                  registry=r)
-        self.rpc_errors = Counter("trainer_memory_rpc_errors", "Memory RPC errors", ["rank", "code"],
-                                  registry=r)
         self.ckpt_seconds = Histogram("trainer_checkpoint_duration_seconds", "Checkpoint write time", ["rank"],
                                       registry=r)
         self.last_ckpt = Gauge("trainer_last_checkpoint_timestamp_seconds", "Unix time of the last checkpoint",

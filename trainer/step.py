@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from pccnet import losses
 from trainer.config import LossConfig, Phase1Config
-from trainer.models import uniform_color_feature
+from trainer.retrieval import uniform_color_feature
 
 
 @dataclass
@@ -96,7 +96,7 @@ def gan_step(ctx: StepContext, gen: nn.Module, disc: nn.Module, opt_g: torch.opt
     c = batch["color_feature"] if ctx.use_memory else uniform_color_feature(light.shape[0], device)
     def autocast():  # a fresh context per use: accelerate's is a one-shot generator context manager
         return acc.autocast() if acc.mixed_precision != "no" else nullcontext()
-    need_patches = cfg.pc > 0 or cfg.ic > 0
+    need_patches = cfg.needs_patches
     t0 = _sync_time(device)
     with autocast():
         fake_ab, w, z = gen(light, c, real_ab if need_patches else None, patch_generator)
@@ -149,38 +149,3 @@ def gan_step(ctx: StepContext, gen: nn.Module, disc: nn.Module, opt_g: torch.opt
     timings = {"forward": t1 - t0, "d_step": t2 - t1, "g_step": t3 - t2}
     return scalars, timings
 
-
-@torch.no_grad()
-def retrieve_color_feature(extractor: nn.Module, light: Tensor, memory, name: str | None = None,
-                           capacity: int | None = None, k: int = 16) -> tuple[Tensor, np.ndarray]:
-    """Test-time retrieval (METHOD.md 3.4): the value of the most similar slot written by a client.
-
-    Slots never written still hold their random initial keys and uniform values; among the top-k we
-    take the first with an item id. Queries whose top-k holds none are asked again with 4x the k (up
-    to `capacity`): a sparsely written memory would otherwise answer them with a uniform value.
-    """
-    if capacity is not None:
-        k = min(k, capacity)
-    query = extractor(light).float().cpu().numpy()
-    reply = memory.query(query, k=k, fields=("values", "item_ids"), memory=name)
-    values, slots = _first_written(reply)
-    missing = np.flatnonzero(slots < 0)
-    while missing.size and capacity is not None and k < capacity:
-        k = min(4 * k, capacity)
-        again = memory.query(query[missing], k=k, fields=("values", "item_ids"), memory=name)
-        values[missing], slots[missing] = _first_written(again)
-        missing = missing[slots[missing] < 0]
-    fallback = np.flatnonzero(slots < 0)  # nothing written anywhere in reach: the plain top-1
-    if fallback.size:
-        values[fallback], slots[fallback] = reply["values"][fallback, 0], reply["slots"][fallback, 0]
-    return torch.from_numpy(values).to(light.device), slots
-
-
-def _first_written(reply: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Per query, the value and slot of the best-ranked written slot; slot -1 where none is written."""
-    written = reply["item_ids"] >= 0  # [B, k]
-    pick = written.argmax(1)
-    rows = np.arange(written.shape[0])
-    values = reply["values"][rows, pick].copy()
-    slots = np.where(written.any(1), reply["slots"][rows, pick], -1)
-    return values, slots

@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from pccnet.color import gray_rgb, lab_from_network, lab_to_rgb
+from trainer.stats import read_jsonl
 
 
 def to_uint8(rgb: Tensor) -> np.ndarray:
@@ -77,3 +78,13 @@ def plot_curves(series: dict[str, list[tuple[float, float]]], path: str | Path, 
     path = Path(path)
     img.save(path)
     return path
+
+
+def plot_run_curves(stats_jsonl: str | Path, path: str | Path) -> Path | None:
+    """loss_curves.png of a run: every loss/, mem/ and val/ series of its stats.jsonl against the step."""
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for row in read_jsonl(stats_jsonl) if Path(stats_jsonl).is_file() else []:
+        for k, v in row.items():
+            if k.startswith(("loss/", "mem/", "val/")) and isinstance(v, (int, float)):
+                curves.setdefault(k, []).append((row["step"], v))
+    return plot_curves(curves, path)

@@ -1,0 +1,210 @@
+"""Measuring: a checkpoint's colorizations on a test split, its memory's retrieval, a data set's KL pairs.
+
+`evaluate_images` scores FID (with the number of images and a bootstrap spread), LPIPS, PSNR and
+colourfulness; `evaluate_retrieval` the KL of the retrieved colour feature to each image's own against
+chance and oracle; `calibrate_threshold` the KL quantiles that set phase1.threshold (METHOD.md 3.2).
+Images are prepared exactly as in training (trainer.data's eval loader). The entry points
+(launch/evaluate.py, launch/calibrate_threshold.py) parse arguments and call these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pccnet import metrics
+from pccnet.color import NUM_BINS, lab_from_network, lab_to_rgb
+from pccnet.losses import kl_divergence
+from trainer.config import DataConfig, TrainConfig
+from trainer.data import make_eval_loader
+from trainer.inference import Colorizer
+from trainer.retrieval import retrieval_kl
+
+# FID on fewer images than this is strongly biased (METHOD.md 8.3); flagged, never hidden.
+SMALL_SET = 200
+RETRIEVAL_THRESHOLDS = (0.5, 1.0, 1.5)
+QUANTILES = (0.05, 0.1, 0.15, 0.2, 0.5)
+
+
+def _eval_data(col: Colorizer, batch_size: int) -> DataConfig:
+    # The checkpoint's own data settings (size, background), at this batch size and at most 2 workers.
+    data = col.cfg.data
+    return dataclasses.replace(data, batch_size=batch_size, workers=min(data.workers, 2))
+
+
+@torch.no_grad()
+def evaluate_images(col: Colorizer, pattern: str, batch_size: int = 16, baseline: str = "none",
+                    color_feature: str = "memory", bootstrap: int = 100) -> dict:
+    """Scores of a checkpoint's colorizations of every image of `pattern`.
+
+    baseline 'gray' scores the ab = 0 output instead; color_feature 'own' conditions G on each image's
+    own colour distribution (a perfect memory). ValueError with fewer than 2 images.
+    """
+    preds, reals, psnr, lp, colorful, colorful_real = [], [], [], [], [], []
+    for batch in tqdm(make_eval_loader(pattern, _eval_data(col, batch_size), 0, 1), desc="evaluate", unit="batch"):
+        light, real_ab = batch["light"].to(col.device), batch["ab"].to(col.device)
+        if baseline == "gray":
+            fake_ab = torch.zeros_like(real_ab)
+        else:
+            fake_ab = col.predict_ab(light, batch["color_feature"] if color_feature == "own" else None)
+        pred = lab_to_rgb(lab_from_network(light, fake_ab)).cpu()
+        real = lab_to_rgb(lab_from_network(light, real_ab)).cpu()
+        psnr.append(metrics.psnr(pred, real))
+        lp.append(metrics.lpips(pred, real))
+        colorful.append(metrics.colorfulness(pred))
+        colorful_real.append(metrics.colorfulness(real))
+        # Features, not images, are kept: memory stays flat however large the test set.
+        preds.append(metrics.fid_features(pred, device=col.device))
+        reals.append(metrics.fid_features(real, device=col.device))
+    n = sum(p.shape[0] for p in preds)
+    if n < 2:
+        raise ValueError(f"{pattern} holds {n} image(s); every metric needs at least 2")
+    preds, reals = np.concatenate(preds), np.concatenate(reals)
+    boot = bootstrap_fid(preds, reals, bootstrap)
+    return {
+        "fid": metrics.fid_from_features(preds, reals),
+        "lpips": float(torch.cat(lp).mean()),
+        "psnr": float(torch.cat(psnr).mean()),
+        "colorfulness": float(torch.cat(colorful).mean()),
+        "colorfulness_real": float(torch.cat(colorful_real).mean()),
+        "n_images": n,
+        # Standard deviation of FID over resamplings of the test images: how far apart two rows
+        # must be before the order means anything.
+        "fid_bootstrap_std": float(np.std(boot)) if boot else None,
+        "fid_bootstrap_n": len(boot),
+        "small_set": n < SMALL_SET,
+        "image_size": col.image_size,
+        "background": col.background,
+        "checkpoint": str(col.path),
+        "memory_from": str(col.memory_source),
+        "data": pattern,
+        "baseline": baseline,
+        "color_feature": color_feature,
+    }
+
+
+def bootstrap_fid(preds: np.ndarray, reals: np.ndarray, n_resamples: int, seed: int = 0) -> list[float]:
+    """FID of n_resamples resamplings (with replacement) of the test images; pairs stay together."""
+    rng = np.random.default_rng(seed)
+    n = preds.shape[0]
+    return [metrics.fid_from_features(preds[idx], reals[idx])
+            for idx in (rng.integers(0, n, n) for _ in range(n_resamples))]
+
+
+@torch.no_grad()
+def evaluate_retrieval(col: Colorizer, pattern: str, batch_size: int = 16) -> dict:
+    """KL(retrieved || own) per test image, against a random written slot (chance) and the best one (oracle)."""
+    exported = col.client.export(memory=col.memory_name)
+    written = torch.from_numpy(exported["values"][exported["item_ids"] >= 0]).double()  # [n, 313]
+    if written.shape[0] == 0:
+        raise ValueError(f"memory {col.memory_name!r} of {col.path} holds no written slot")
+    got, chance, oracle, slots = [], [], [], []
+    for batch in tqdm(make_eval_loader(pattern, _eval_data(col, batch_size), 0, 1), desc="retrieval", unit="batch"):
+        target = batch["color_feature"].double()  # [B, 313]
+        retrieved, picked = col.retrieve(batch["light"], return_slots=True)
+        slots.append(picked)
+        got.append(retrieval_kl(retrieved, target))
+        every = kl_divergence(written[None], target[:, None])  # [B, n]: each written value vs each image
+        chance.append(every.mean(1))
+        oracle.append(every.min(1).values)
+    got, chance, oracle = (torch.cat(x).numpy() for x in (got, chance, oracle))
+    result = {
+        "retrieval_kl": float(got.mean()), "retrieval_kl_median": float(np.median(got)),
+        "chance_kl": float(chance.mean()), "oracle_kl": float(oracle.mean()),
+        "n_images": int(got.shape[0]), "written_slots": int(written.shape[0]),
+        # How many different slots answered: 1 means every image got the same colours.
+        "distinct_answers": int(np.unique(np.concatenate(slots)).size),
+        "threshold": col.cfg.phase1.threshold, "extractor": col.cfg.model.extractor.backbone,
+        "checkpoint": str(col.path), "data": pattern,
+    }
+    for t in sorted(set(RETRIEVAL_THRESHOLDS) | {col.cfg.phase1.threshold}):
+        result[f"acc@{t:g}"] = float((got < t).mean())
+    return result
+
+
+def markdown_table(result: dict) -> str:
+    """evaluate_images' result as a Markdown table (with a note on small sets)."""
+    spread = result.get("fid_bootstrap_std")
+    fid = f"{result['fid']:.3f}" + (f" ± {spread:.3f} (bootstrap std)" if spread is not None else "")
+    rows = [("images", f"{result['n_images']}"), ("FID", fid),
+            ("LPIPS", f"{result['lpips']:.4f}"), ("PSNR (dB)", f"{result['psnr']:.3f}"),
+            ("colourfulness", f"{result['colorfulness']:.3f}"),
+            ("colourfulness (ground truth)", f"{result['colorfulness_real']:.3f}")]
+    lines = ["| metric | value |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows]
+    if result["small_set"]:
+        lines.append(f"\nNote: FID on {result['n_images']} images (< {SMALL_SET}) is biased upwards and noisy.")
+    return "\n".join(lines)
+
+
+def retrieval_table(r: dict) -> str:
+    """evaluate_retrieval's result as a Markdown table."""
+    accs = [k for k in r if k.startswith("acc@")]
+    lines = ["| metric | value |", "| --- | --- |", f"| images | {r['n_images']} |",
+             f"| written slots | {r['written_slots']} |",
+             f"| distinct slots retrieved | {r['distinct_answers']} |",
+             f"| KL(retrieved, own), mean / median (nats) | {r['retrieval_kl']:.3f} / {r['retrieval_kl_median']:.3f} |",
+             f"| KL of a random written slot (chance) | {r['chance_kl']:.3f} |",
+             f"| KL of the best written slot (oracle) | {r['oracle_kl']:.3f} |"]
+    lines += [f"| accuracy at KL < {k[4:]} | {r[k]:.3f} |" for k in accs]
+    return "\n".join(lines)
+
+
+def evaluate_checkpoint(checkpoint: str | Path, pattern: str, output: str | Path, *, retrieval: bool = False,
+                        memory: str | None = None, memory_name: str | None = None,
+                        memory_from: str | Path | None = None, device: str | None = None,
+                        batch_size: int = 16, **image_options) -> dict:
+    """launch/evaluate.py: score a checkpoint (or with `retrieval` its memory), write JSON, print a table."""
+    with Colorizer(checkpoint, device=device, memory=memory, memory_name=memory_name, need_memory=retrieval,
+                   memory_from=memory_from) as col:
+        if retrieval:
+            result, table = evaluate_retrieval(col, pattern, batch_size), retrieval_table
+        else:
+            result, table = evaluate_images(col, pattern, batch_size, **image_options), markdown_table
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result))
+    print(f"\nwritten {out}")
+    return result
+
+
+def calibrate_threshold(cfg: TrainConfig, n_images: int = 512, positive_rate: float = 0.15) -> dict:
+    """KL(v_j || v_i) over ordered pairs of up to n_images random training images of cfg.data.train.
+
+    Every training image is read and a random subset paired (shards are often in class order). Returns
+    the pair count, the QUANTILES, the configured threshold's positive share and the threshold for
+    `positive_rate`. ValueError with fewer than 2 images.
+    """
+    data = dataclasses.replace(cfg.data, batch_size=64)
+    feats = [b["color_feature"].double() for b in tqdm(make_eval_loader(data.train, data, 0, 1),
+                                                        desc="colour features", unit="batch")]
+    v = torch.cat(feats) if feats else torch.zeros(0, NUM_BINS, dtype=torch.float64)
+    if v.shape[0] < 2:
+        raise ValueError(f"{data.train} holds {v.shape[0]} image(s); pairs need at least 2")
+    n_all = v.shape[0]
+    v = v[torch.randperm(n_all, generator=torch.Generator().manual_seed(0))[:n_images]]
+    kl = kl_divergence(v[None], v[:, None])  # [n, n]: stored value j against query i
+    pairs = kl[~torch.eye(v.shape[0], dtype=torch.bool)]
+    return {"images": v.shape[0], "images_all": n_all, "pairs": pairs.numel(),
+            "quantiles": {q: float(pairs.quantile(q)) for q in QUANTILES},
+            "configured": cfg.phase1.threshold,
+            "configured_positive": float((pairs < cfg.phase1.threshold).double().mean()),
+            "positive_rate": positive_rate, "threshold": float(pairs.quantile(positive_rate))}
+
+
+def calibration_report(r: dict) -> str:
+    """calibrate_threshold's result as the lines launch/calibrate_threshold.py prints."""
+    qs = r["quantiles"]
+    return "\n".join([
+        f"{r['images']} of {r['images_all']} training images, {r['pairs']} ordered pairs, KL in nats",
+        "| quantile | " + " | ".join(f"{q:g}" for q in qs) + " |",
+        "| --- " * (len(qs) + 1) + "|",
+        "| KL | " + " | ".join(f"{v:.3f}" for v in qs.values()) + " |",
+        f"configured phase1.threshold {r['configured']:g}: {r['configured_positive']:.1%} of pairs positive",
+        f"phase1.threshold for {r['positive_rate']:.0%} positive pairs: {r['threshold']:.3f}",
+    ])
