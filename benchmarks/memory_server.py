@@ -30,11 +30,13 @@ import numpy as np
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the server sets it, so the baseline matches
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from memory_server.backends import resolve_backend  # noqa: E402
 from memory_server.client import MemoryClient  # noqa: E402
-from memory_server.effects import UpdateEffect, to_record  # noqa: E402
+from memory_server.durability import Durability, DurabilityConfig  # noqa: E402
+from memory_server.effects import UpdateEffect  # noqa: E402
 from memory_server.launcher import start_server  # noqa: E402
 from memory_server.local import InProcessMemory  # noqa: E402
-from memory_server.wal import WalWriter  # noqa: E402
+from memory_server.store import MemoryStore  # noqa: E402
 
 DK, DV, NQ = 512, 313, 256
 
@@ -261,18 +263,19 @@ def bench_restart(m: int, n_updates: int, backend: str, tmp: Path) -> dict:
         version = c.snapshot()["version"]
     srv.stop()
     snap_bytes = sum(p.stat().st_size for p in data.glob("snap-*/**/*") if p.is_file())
-    # The WAL records a 4-row update produces (the trainer's batch), written through the server's own
-    # WAL writer: generating them through the server would cost 10,000 exact searches over m keys.
+    # The WAL records a 4-row update produces (the trainer's batch), logged through the server's own
+    # Durability: generating them through the server would cost 10,000 exact searches over m keys.
     rng = np.random.default_rng(3)
     seg = sorted(data.glob("wal-*.log"))[-1]
-    writer = WalWriter(seg)
+    log, store = Durability(DurabilityConfig(data_dir=data, mode="always")), MemoryStore(resolve_backend(backend))
+    log.open(store)
     for i in range(n_updates):
         slots = rng.choice(m, 4, replace=False).astype(np.int64)
         eff = UpdateEffect("default", version + i + 1, f"bench-{i}", slots, unit_rows(rng, 4), slots[2:],
                            targets(rng, 2), np.arange(2, dtype=np.int64), np.array([1, 1, 0, 0], bool), slots)
-        writer.append(*to_record(eff))
-    writer.sync()
-    writer.close()
+        log.log(eff)
+    log.commit()
+    log.close(store, final_snapshot=False)
     wal_bytes = seg.stat().st_size
     q = unit_rows(rng, NQ)
     t0 = time.perf_counter()

@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 
 BACKEND_CHOICES = ("auto", "faiss", "torch")
 _TORCH_CHUNK = 65_536  # key rows per matmul tile: [B, 65536] f32 tile = 64 MiB at B = 256
+_TORCH_TILE_ROWS = 256  # query rows per tile, so the tile a memory holds is bounded in advance
+_EXACT_BLOCK_ROWS = 8192  # key rows per float64 block when a row's sims are recomputed exactly
 TIE_TOL = 1e-5  # |sim difference| below which identical keys are checked for a tie (GEMM rounding)
 
 
@@ -95,10 +97,30 @@ class Searcher(Protocol):
     def close(self) -> None:
         """Release device memory."""
 
+    def nbytes(self) -> int:
+        """Bytes this searcher holds beyond the memory's own arrays (host and device), for the accounting."""
+
+
+def searcher_nbytes(backend: str, capacity: int, key_dim: int) -> int:
+    """What a searcher of `backend` will hold for a memory of this shape (checked before a create).
+
+    Each searcher's `nbytes()` reports the same figure once built; a new index type (e.g. an approximate
+    one) adds its own line here and in its class.
+    """
+    if backend == "faiss-cpu":
+        return FaissSearcher.planned_nbytes(capacity, key_dim)
+    if backend in ("faiss-gpu", "torch-cuda", "torch-cpu"):
+        return TorchSearcher.planned_nbytes(capacity, key_dim, on_device=backend != "torch-cpu")
+    raise BackendUnavailable(f"unknown backend {backend!r}")
+
 
 def exact_row_sims(keys: np.ndarray, q_row: np.ndarray) -> np.ndarray:
     """All m similarities of one query in float64, identical keys giving identical values.  # [m]"""
-    return np.einsum("ij,j->i", keys, q_row.astype(np.float64), dtype=np.float64)
+    q64 = q_row.astype(np.float64)
+    out = np.empty(keys.shape[0], np.float64)
+    for i in range(0, keys.shape[0], _EXACT_BLOCK_ROWS):  # blocks: never a float64 copy of all keys
+        out[i:i + _EXACT_BLOCK_ROWS] = keys[i:i + _EXACT_BLOCK_ROWS].astype(np.float64) @ q64
+    return out
 
 
 def identical_rows(keys: np.ndarray, row: np.ndarray) -> np.ndarray:
@@ -180,6 +202,14 @@ class FaissSearcher:
     def close(self) -> None:
         """Nothing to release."""
 
+    @staticmethod
+    def planned_nbytes(capacity: int, key_dim: int) -> int:
+        """faiss.knn searches the memory's own key array: no index to hold."""
+        return 0
+
+    def nbytes(self) -> int:
+        return 0
+
 
 class TorchSearcher:
     """Chunked matmul + topk on a torch mirror of the keys (CUDA), or a zero-copy CPU view."""
@@ -204,11 +234,22 @@ class TorchSearcher:
             self._faiss_res = faiss.StandardGpuResources()
             self.name = "faiss-gpu"
 
+    @staticmethod
+    def planned_nbytes(capacity: int, key_dim: int, on_device: bool) -> int:
+        """The device mirror of the keys (not on the CPU, where it is a view) plus the largest tile."""
+        mirror = capacity * key_dim * 4 if on_device else 0
+        return mirror + _TORCH_TILE_ROWS * min(capacity, _TORCH_CHUNK) * 4
+
+    def nbytes(self) -> int:
+        m, dk = self.keys.shape
+        return self.planned_nbytes(m, dk, self.device.type != "cpu")
+
     def _tile_for(self, rows: int, cols: int) -> Any:
-        """A contiguous [rows, cols] view of one reusable buffer (grown, never shrunk)."""
+        """A contiguous [rows, cols] view of one reusable buffer of _TORCH_TILE_ROWS x min(m, chunk)."""
         torch = self._torch
-        if self._tile is None or self._tile.numel() < rows * cols:
-            self._tile = torch.empty(rows * cols, dtype=torch.float32, device=self.device)
+        if self._tile is None:
+            size = _TORCH_TILE_ROWS * min(self.keys.shape[0], _TORCH_CHUNK)
+            self._tile = torch.empty(size, dtype=torch.float32, device=self.device)
         return self._tile[: rows * cols].view(rows, cols)
 
     def _topk(self, qt: Any, k: int) -> tuple[Any, Any]:
@@ -237,10 +278,13 @@ class TorchSearcher:
         torch = self._torch
         m = self.keys.shape[0]
         kp = min(k + 1, m)
+        sims = np.empty((q.shape[0], kp), np.float32)
+        slots = np.empty((q.shape[0], kp), np.int64)
         with torch.no_grad():
-            qt = torch.from_numpy(np.ascontiguousarray(q)).to(self.device)
-            s, i = self._topk(qt, kp)
-            sims, slots = s.cpu().numpy(), i.cpu().numpy().astype(np.int64)
+            for r0 in range(0, q.shape[0], _TORCH_TILE_ROWS):  # row blocks keep the tile bounded
+                qt = torch.from_numpy(np.ascontiguousarray(q[r0:r0 + _TORCH_TILE_ROWS])).to(self.device)
+                s, i = self._topk(qt, kp)
+                sims[r0:r0 + _TORCH_TILE_ROWS], slots[r0:r0 + _TORCH_TILE_ROWS] = s.cpu().numpy(), i.cpu().numpy()
         return fix_ties(sims, slots, k, q, self.keys)
 
     def keys_written(self, slots: np.ndarray) -> None:

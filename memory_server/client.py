@@ -38,7 +38,10 @@ from .protocol import (
     decode_arrays,
     encode_frames,
     error_from_code,
+    id_problem,
+    valid_request_id,
     request_header,
+    short_repr,
     unpack_header,
     wire_array,
 )
@@ -78,8 +81,16 @@ def _floats(x: Any) -> np.ndarray:
     return a if a.dtype in (np.float32, np.float16) else a.astype(np.float32)
 
 
-def _ints(x: Any) -> np.ndarray:
-    return np.asarray(x).astype(np.int64, copy=False)
+def _ints(x: Any, name: str) -> np.ndarray:
+    """int64 slots or item ids; floats (or anything else) are refused, never truncated."""
+    a = np.asarray(x)
+    if a.size == 0 and a.dtype.kind == "f":
+        return a.astype(np.int64)  # np.asarray([]) is float64; an empty list is fine
+    if a.dtype.kind not in "iu":
+        raise BadDtype(f"array '{name}' must hold integers, got {a.dtype} {short_repr(a.reshape(-1)[:6].tolist())}")
+    if a.dtype.kind == "u" and a.size and int(a.max()) > np.iinfo(np.int64).max:
+        raise BadValue(f"array '{name}' holds {int(a.max())}, beyond int64")
+    return a.astype(np.int64, copy=False)
 
 
 class MemoryApi:
@@ -136,27 +147,48 @@ class MemoryApi:
             args["seed"] = int(seed)
         arrays = [("q", _floats(q)), ("v", _floats(v))]
         if item_ids is not None:
-            arrays.append(("item_ids", _ints(item_ids)))
+            arrays.append(("item_ids", _ints(item_ids, "item_ids")))
         return self._result("update", args, arrays, memory, request_id)
 
     def get(self, slots: np.ndarray, memory: str | None = None) -> dict[str, Any]:
         """'keys', 'values', 'ages', 'item_ids' at `slots`, and 'version'."""
-        return self._result("get", None, [("slots", _ints(slots))], memory)
+        return self._result("get", None, [("slots", _ints(slots, "slots"))], memory)
 
     def put(self, slots: np.ndarray, keys: np.ndarray, values: np.ndarray, ages: np.ndarray | None = None,
             item_ids: np.ndarray | None = None, memory: str | None = None,
             request_id: str | int | None = None) -> dict[str, Any]:
         """Overwrite distinct slots (keys and values normalised by the server); {'version'}."""
-        arrays = [("slots", _ints(slots)), ("keys", _floats(keys)), ("values", _floats(values))]
+        arrays = [("slots", _ints(slots, "slots")), ("keys", _floats(keys)), ("values", _floats(values))]
         if ages is not None:
             arrays.append(("ages", _floats(ages)))
         if item_ids is not None:
-            arrays.append(("item_ids", _ints(item_ids)))
+            arrays.append(("item_ids", _ints(item_ids, "item_ids")))
         return self._result("put", None, arrays, memory, request_id)
 
     def export(self, memory: str | None = None) -> dict[str, Any]:
-        """The whole memory: 'keys', 'values', 'ages', 'item_ids', 'version'."""
-        return self._result("export", memory=memory)
+        """The whole memory: 'keys', 'values', 'ages', 'item_ids', 'version'.
+
+        A memory whose export would exceed the server's --max-message-bytes (`too_large`) is read with
+        `get` in chunks instead, all at one version (re-read if an update lands in between).
+        """
+        try:
+            return self._result("export", memory=memory)
+        except TooLarge:
+            return self._export_in_chunks(memory)
+
+    def _export_in_chunks(self, memory: str | None, attempts: int = 5) -> dict[str, Any]:
+        info = self.info(memory=memory)
+        m, dk, dv = info["capacity"], info["key_dim"], info["value_dim"]
+        row = 4 * dk + 4 * dv + 12
+        rows = max(1, min(info.get("max_batch", 65_536), (info.get("max_message_bytes", 1 << 20) - 4096) // row))
+        for _ in range(attempts):
+            parts = [self.get(np.arange(s, min(m, s + rows)), memory=memory) for s in range(0, m, rows)]
+            versions = {p["version"] for p in parts}
+            if len(versions) == 1:
+                out = {k: np.concatenate([p[k] for p in parts]) for k in ("keys", "values", "ages", "item_ids")}
+                return {**out, "version": versions.pop()}
+        raise Busy(f"export of memory {memory or self.memory!r} in chunks: the memory changed during each of "
+                   f"{attempts} attempts")
 
     def snapshot(self, memory: str | None = None) -> dict[str, Any]:
         """Returns once every memory is durable in a snapshot; {'version'} of the named memory."""
@@ -226,6 +258,10 @@ class MemoryClient(MemoryApi):
         if self._ctx is None:
             raise MemoryUnavailable(f"client for {self.endpoint} is closed")
         req_id = f"{self._prefix}-{next(self._ids)}" if req_id is None else req_id
+        if not valid_request_id(req_id):
+            # The server could not echo such an id, so its error reply would never match: refuse it here.
+            raise BadRequest(f"request_id must be an int64 or a str of at most 256 UTF-8 bytes, got "
+                             f"{id_problem(req_id)}")
         self.last_request_id = req_id
         frames = encode_frames(request_header(op, req_id, memory, args), arrays)
         t0 = time.monotonic()
@@ -256,6 +292,10 @@ class MemoryClient(MemoryApi):
                 return result, decode_arrays(header.get("arrays"), array_frames)
             err = header.get("error") or {}
             exc = error_from_code(str(err.get("code", "internal")), str(err.get("message", "")))
+            if op == "drop" and timeouts and isinstance(exc, NoSuchMemory):
+                # A resent drop: the lost first reply most likely was this very drop succeeding, and
+                # either way the memory is gone, which is what the caller asked for.
+                return {}, {}
             if isinstance(exc, Busy):
                 left = budget_end - time.monotonic()
                 if left > backoff:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .protocol import DTYPES, wire_dtype_name
+from .protocol import DTYPES, short_repr, wire_dtype_name
 
 
 @dataclass
@@ -91,29 +91,57 @@ def array_specs(arrays: list[tuple[str, np.ndarray]]) -> list[list[Any]]:
     return [[n, wire_dtype_name(a), list(a.shape)] for n, a in arrays]
 
 
+def _field(header: dict[str, Any], key: str, kind: type) -> Any:
+    x = header.get(key)
+    if not isinstance(x, kind) or isinstance(x, bool):
+        raise ValueError(f"record field {key!r} is {type(x).__name__}, expected {kind.__name__}")
+    return x
+
+
+def _arrays(arrays: dict[str, np.ndarray], names: tuple[str, ...]) -> list[np.ndarray]:
+    missing = [n for n in names if n not in arrays]
+    if missing or len(arrays) != len(names):
+        raise ValueError(f"record arrays {sorted(arrays)} are not {sorted(names)}")
+    return [arrays[n] for n in names]
+
+
 def from_record(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> Effect:
-    """The effect of a decoded WAL record; ValueError if the record is not one we write."""
+    """The effect of a decoded WAL record; ValueError if the record is not one we write.
+
+    Only the record's form is checked here; whether it applies to the store is `MemoryStore.check`.
+    """
     kind = header.get("t")
+    name = _field(header, "m", str)
     if kind == "create":
-        return CreateEffect(header["m"], int(header["capacity"]), int(header["key_dim"]),
-                            int(header["value_dim"]), int(header["seed"]))
+        return CreateEffect(name, *(_field(header, k, int) for k in ("capacity", "key_dim", "value_dim", "seed")))
     if kind == "drop":
-        return DropEffect(header["m"])
-    if kind == "update":
-        return UpdateEffect(header["m"], int(header["ver"]), header["id"], *(arrays[n] for n in _UPDATE_ARRAYS))
-    if kind == "put":
-        return PutEffect(header["m"], int(header["ver"]), header["id"], *(arrays[n] for n in _PUT_ARRAYS))
-    raise ValueError(f"unknown WAL record type {kind!r}")
+        return DropEffect(name)
+    if kind in ("update", "put"):
+        req_id = header.get("id")
+        if not isinstance(req_id, (str, int)) or isinstance(req_id, bool):
+            raise ValueError(f"record id is {type(req_id).__name__}")
+        names = _UPDATE_ARRAYS if kind == "update" else _PUT_ARRAYS
+        cls = UpdateEffect if kind == "update" else PutEffect
+        return cls(name, _field(header, "ver", int), req_id, *_arrays(arrays, names))
+    raise ValueError(f"unknown WAL record type {short_repr(kind)}")
 
 
-def decode_record_arrays(specs: list[Any], payload: memoryview, offset: int) -> dict[str, np.ndarray]:
+def decode_record_arrays(specs: Any, payload: memoryview, offset: int) -> dict[str, np.ndarray]:
     """Views over the array bytes that follow a record header at `offset` in `payload`."""
+    if not isinstance(specs, list):
+        raise ValueError(f"record 'arrays' is {type(specs).__name__}, not a list")
     out: dict[str, np.ndarray] = {}
-    for name, dtype_name, shape in specs:
+    for spec in specs:
+        if not (isinstance(spec, list) and len(spec) == 3 and isinstance(spec[0], str) and spec[1] in DTYPES
+                and isinstance(spec[2], list) and all(isinstance(d, int) and d >= 0 for d in spec[2])):
+            raise ValueError(f"record array spec {short_repr(spec)} is not [name, dtype, shape]")
+        name, dtype_name, shape = spec
         dtype = DTYPES[dtype_name]
-        n = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
-        if offset + n > len(payload):
-            raise ValueError(f"record array {name!r} runs past the record end")
+        n = dtype.itemsize
+        for d in shape:
+            n *= d
+        if offset + n > len(payload) or name in out:
+            raise ValueError(f"record array {name!r} runs past the record end or repeats")
         out[name] = np.frombuffer(payload[offset:offset + n], dtype=dtype).reshape(shape)
         offset += n
     if offset != len(payload):

@@ -8,7 +8,6 @@ store") and wherever a test or tool wants a memory without a process.
 from __future__ import annotations
 
 import itertools
-import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +19,7 @@ from .backends import resolve_backend
 from .client import MemoryApi, as_wire_arrays
 from .durability import Durability, DurabilityConfig
 from .engine import Engine, Limits
-from .protocol import DEFAULT_MAX_MEMORY_BYTES, DEFAULT_MEMORY, Internal
+from .protocol import DEFAULT_MAX_MEMORIES, DEFAULT_MAX_MEMORY_BYTES, DEFAULT_MEMORY
 from .store import MemoryStore
 
 
@@ -31,7 +30,7 @@ class InProcessMemory(MemoryApi):
                  memory: str = DEFAULT_MEMORY, capacity: int | None = None, key_dim: int | None = None,
                  value_dim: int | None = None, seed: int | None = None, backend: str = "auto",
                  data_dir: str | Path | None = None, durability: str = "none",
-                 max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES) -> None:
+                 max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES, max_memories: int = DEFAULT_MAX_MEMORIES) -> None:
         self.memory = memory
         self._ids = itertools.count(1)
         self._prefix = "local-" + uuid.uuid4().hex[:12]
@@ -47,7 +46,7 @@ class InProcessMemory(MemoryApi):
             self.engine = store_or_args
         else:
             store = store_or_args if isinstance(store_or_args, MemoryStore) else MemoryStore(
-                resolve_backend(backend), max_memory_bytes)
+                resolve_backend(backend), max_memory_bytes, max_memories)
             dur = Durability(DurabilityConfig(data_dir=Path(data_dir) if data_dir else None, mode=durability,
                                               fork_snapshots=False))
             dur.open(store)
@@ -64,23 +63,19 @@ class InProcessMemory(MemoryApi):
         req_id = f"{self._prefix}-{next(self._ids)}" if req_id is None else req_id
         reply = self.engine.execute(op, req_id, memory or self.memory, dict(args or {}), as_wire_arrays(arrays))
         dur = self.engine.durability
-        if reply.deferred:
-            finished = dur.request_snapshot(self.engine.store, req_id)
-            while not any(tok == req_id for tok, _, _ in finished):
-                time.sleep(0.01)
-                finished = dur.poll(self.engine.store)
-            ok, message = next((ok, msg) for tok, ok, msg in finished if tok == req_id)
-            if not ok:
-                raise Internal(message)
+        if reply.ticket is not None:
+            dur.wait(reply.ticket, self.engine.store)  # blocks on the snapshot child, no polling
+            reply = reply.after_snapshot()
         elif reply.mutated:
             dur.commit()
+        dur.poll(self.engine.store)  # periodic snapshots and their back-off, as the server loop does
         if reply.error is not None:
             raise reply.error
         return reply.result or {}, dict(reply.arrays)
 
-    def close(self) -> None:
-        """Write a final snapshot (if durable) and release the data dir."""
-        self.engine.durability.close(self.engine.store, final_snapshot=True)
+    def close(self) -> bool:
+        """Write a final snapshot (if durable) and release the data dir; False if that snapshot failed."""
+        return self.engine.durability.close(self.engine.store, final_snapshot=True)
 
     def __enter__(self) -> InProcessMemory:
         return self

@@ -49,6 +49,22 @@ class Metrics:
         self.busy = Counter("memsrv_busy_total", "Requests refused with busy (queue full).", registry=r)
         self.dropped_replies = Counter("memsrv_dropped_replies_total", "Replies not deliverable (peer gone "
                                        "or its pipe full).", registry=r)
+        self.snapshot_failures = Counter("memsrv_snapshot_failures_total", "Snapshots that could not be taken "
+                                         "(fork, disk); each is retried with back-off.", registry=r)
+        self.refusals = Counter("memsrv_limit_refusals_total", "Requests refused by a limit, by limit (flag or "
+                                "protocol bound).", ["limit"], registry=r)
+        self.queue_bytes = Gauge("memsrv_queue_bytes", "Bytes of requests admitted and waiting "
+                                 "(--max-queue-bytes).", registry=r)
+        self.send_bytes = Gauge("memsrv_send_queue_bytes", "Bytes of replies held for peers that are not reading "
+                                "(--max-send-bytes).", registry=r)
+        self.memory_bytes = Gauge("memsrv_memory_bytes", "Bytes each memory holds (arrays, scratch, window, "
+                                  "search structures).", ["memory"], registry=r)
+        self.memory_bytes_total = Gauge("memsrv_memory_bytes_total", "Bytes all memories hold "
+                                        "(--max-memory-bytes).", registry=r)
+        self.memories = Gauge("memsrv_memories", "Memories held (--max-memories).", registry=r)
+        self.window_evictions = Counter("memsrv_window_evictions_total", "Idempotency replies forgotten before "
+                                        "100,000 because of --max-memory-bytes.", registry=r)
+        self._evictions_seen = 0
         self._http: Any = None
         self.port: int | None = None
 
@@ -59,15 +75,25 @@ class Metrics:
         self.port = server.server_port
         return self.port
 
-    def set_memory(self, name: str, capacity: int, filled: int, version: int) -> None:
+    def set_memory(self, name: str, capacity: int, filled: int, version: int, nbytes: int | None = None) -> None:
         """Refresh the per-memory gauges."""
         self.slots.labels(name).set(capacity)
         self.filled.labels(name).set(filled)
         self.version.labels(name).set(version)
+        if nbytes is not None:
+            self.memory_bytes.labels(name).set(nbytes)
+
+    def set_store(self, memories: int, nbytes: int, window_evictions: int) -> None:
+        """Refresh the store-wide gauges."""
+        self.memories.set(memories)
+        self.memory_bytes_total.set(nbytes)
+        if window_evictions > self._evictions_seen:
+            self.window_evictions.inc(window_evictions - self._evictions_seen)
+            self._evictions_seen = window_evictions
 
     def forget_memory(self, name: str) -> None:
         """Drop the per-memory series of a dropped memory."""
-        for g in (self.slots, self.filled, self.version, self.replacements, self.refreshes):
+        for g in (self.slots, self.filled, self.version, self.replacements, self.refreshes, self.memory_bytes):
             try:
                 g.remove(name)
             except KeyError:

@@ -7,6 +7,7 @@ encode/decode of headers and array frames. Pure numpy + msgpack; imports nothing
 from __future__ import annotations
 
 import re
+import reprlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -20,8 +21,16 @@ DEFAULT_MEMORY = "default"
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_BATCH = 65_536
 DEFAULT_MAX_MEMORY_BYTES = 8 * 1024**3
+DEFAULT_MAX_MEMORIES = 1024
 IDEMPOTENCY_WINDOW = 100_000
 MAX_NDIM = 8
+MAX_DIM = 2**31  # every dimension of an `arrays` entry is an int in [0, MAX_DIM)
+MAX_ID_BYTES = 256  # a str request id is at most this many UTF-8 bytes
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_ARG_VALUE = 1e6  # threshold and age_noise are finite and at most this
+# A real header is a few hundred bytes. Bounding it bounds what msgpack builds from it: a 1-byte empty
+# list becomes a 56-byte Python object, so an unbounded header could expand ~50x in RAM.
+MAX_HEADER_BYTES = 64 * 1024
 
 # Wire dtype names -> explicit little-endian numpy dtypes (the wire is little-endian on every host).
 DTYPES: dict[str, np.dtype] = {
@@ -45,18 +54,16 @@ class MemoryServerError(Exception):
 
     code = "internal"
 
-    def __init__(self, message: str, code: str | None = None) -> None:
+    def __init__(self, message: str, code: str | None = None, limit: str | None = None) -> None:
         super().__init__(message)
         if code is not None:
             self.code = code
         self.message = message
+        self.limit = limit  # the limit that refused the request, for memsrv_limit_refusals_total{limit}
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
 
-
-# STYLE.md names the protocol-level exception ProtocolError; it is the same family.
-ProtocolError = MemoryServerError
 
 
 class BadRequest(MemoryServerError):
@@ -117,6 +124,25 @@ def error_from_code(code: str, message: str) -> MemoryServerError:
     return cls(message) if cls is not None else MemoryServerError(message, code=str(code))
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 80
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 6
+_SHORT.maxlevel = 3
+_SHORT.maxlong = 40
+
+
+def short_repr(x: Any) -> str:
+    """A repr of at most ~100 characters whose cost does not grow with `x` (reprlib renders prefixes).
+
+    Every error message that quotes a client's value uses it: a 2M-element id is never rendered in full
+    only to be cut.
+    """
+    try:
+        return _SHORT.repr(x)
+    except Exception:  # noqa: BLE001 - a hostile __repr__ must not turn a bad request into a crash
+        return f"<{type(x).__name__}>"
+
+
 def is_int(x: Any) -> bool:
     """True for a msgpack integer (bool is not an integer on the wire)."""
     return isinstance(x, int) and not isinstance(x, bool)
@@ -128,18 +154,29 @@ def is_number(x: Any) -> bool:
 
 
 def valid_request_id(x: Any) -> bool:
-    """Request ids are str or int (1 and "1" differ)."""
-    return isinstance(x, str) or is_int(x)
+    """Request ids are an int64 or a str of at most MAX_ID_BYTES UTF-8 bytes (1 and "1" differ)."""
+    if isinstance(x, str):
+        # len() first: a str with more characters than the limit has more bytes, no need to encode it.
+        return len(x) <= MAX_ID_BYTES and len(x.encode("utf-8", "surrogatepass")) <= MAX_ID_BYTES
+    return is_int(x) and INT64_MIN <= x <= INT64_MAX
+
+
+def id_problem(x: Any) -> str:
+    """What is wrong with an invalid request id, for the error message."""
+    if isinstance(x, str):
+        return f"a str of {len(x.encode('utf-8', 'surrogatepass'))} UTF-8 bytes (at most {MAX_ID_BYTES} allowed)"
+    if is_int(x):
+        return f"the int {short_repr(x)}, outside the int64 range"
+    return f"{type(x).__name__} {short_repr(x)}"
 
 
 def check_memory_name(name: Any) -> str:
     """Return `name` if it is a valid memory name, else raise BadValue (BadRequest if not a str)."""
     if not isinstance(name, str):
-        raise BadRequest(f"field 'memory' must be a str, got {type(name).__name__} {name!r:.80}")
-    if not _MEMORY_NAME.match(name) or name.startswith("."):
-        raise BadValue(
-            f"memory name {name!r:.100} is invalid: 1 to 64 characters of [A-Za-z0-9_.-], not starting with '.'"
-        )
+        raise BadRequest(f"field 'memory' must be a str, got {type(name).__name__} {short_repr(name)}")
+    if len(name) > 64 or not _MEMORY_NAME.match(name) or name.startswith("."):
+        raise BadValue(f"memory name {short_repr(name)} is invalid: 1 to 64 characters of [A-Za-z0-9_.-], "
+                       f"not starting with '.'")
     return name
 
 
@@ -177,47 +214,79 @@ def encode_frames(header: dict[str, Any], arrays: Iterable[tuple[str, np.ndarray
     return [pack_header(header), *bufs]
 
 
-def unpack_header(frame: Any) -> dict[str, Any]:
-    """Decode a header frame; BadRequest if it is not a msgpack map."""
+def frame_size(frame: Any) -> int:
+    """Byte length of a zmq Frame, bytes or buffer."""
+    if hasattr(frame, "buffer"):
+        return memoryview(frame.buffer).nbytes
+    return memoryview(frame).nbytes
+
+
+def unpack_header(frame: Any, max_bytes: int | None = None) -> dict[str, Any]:
+    """Decode a header frame; BadRequest if it is not a msgpack map or is over `max_bytes` (when given)."""
+    if max_bytes is not None and frame_size(frame) > max_bytes:
+        raise BadRequest(f"header frame of {frame_size(frame)} bytes exceeds the {max_bytes}-byte header limit",
+                         limit="header_bytes")
+    buf = frame.buffer if hasattr(frame, "buffer") else frame
     try:
-        header = msgpack.unpackb(frame, raw=False, strict_map_key=False, use_list=True)
-    except (msgpack.UnpackException, ValueError, TypeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"header frame is not msgpack ({type(exc).__name__}: {exc})") from None
+        header = msgpack.unpackb(buf, raw=False, strict_map_key=False, use_list=True)
+    except (msgpack.UnpackException, ValueError, TypeError, UnicodeDecodeError, RecursionError) as exc:
+        raise BadRequest(f"header frame is not msgpack ({type(exc).__name__}: {short_repr(str(exc))})") from None
     if not isinstance(header, dict):
         raise BadRequest(f"header must be a msgpack map, got {type(header).__name__}")
     return header
 
 
-def _parse_spec(spec: Any, index: int) -> tuple[str, str, tuple[int, ...]]:
+def parse_spec(spec: Any, index: int, max_bytes: int) -> tuple[str, str, tuple[int, ...]]:
+    """Validate one `[name, dtype, shape]` entry before anything is allocated.
+
+    Dimensions are ints in [0, 2**31); the byte size must fit `max_bytes` (too_large), and so must the
+    shape with its zero dimensions read as 1 (bad_shape): numpy refuses to build an empty array whose
+    other dimensions overflow, which is how a request with a 0-byte frame used to end the process.
+    """
     if not isinstance(spec, (list, tuple)) or len(spec) != 3:
-        raise BadRequest(f"arrays[{index}] must be [name, dtype, shape], got {spec!r:.120}")
+        raise BadRequest(f"arrays[{index}] must be [name, dtype, shape], got {short_repr(spec)}")
     name, dtype, shape = spec
     if not isinstance(name, str) or not name:
-        raise BadRequest(f"arrays[{index}] name must be a non-empty str, got {name!r:.80}")
+        raise BadRequest(f"arrays[{index}] name must be a non-empty str, got {short_repr(name)}")
     if not isinstance(dtype, str):
-        raise BadRequest(f"arrays[{index}] ({name}) dtype must be a str, got {dtype!r:.80}")
+        raise BadRequest(f"arrays[{index}] ({short_repr(name)}) dtype must be a str, got {short_repr(dtype)}")
     if dtype not in DTYPES:
-        raise BadDtype(f"array '{name}' has dtype {dtype!r:.40}; allowed: {', '.join(DTYPES)}")
-    if not isinstance(shape, (list, tuple)) or len(shape) > MAX_NDIM or not all(
-        is_int(d) and d >= 0 for d in shape
-    ):
-        raise BadRequest(f"array '{name}' shape must be a list of at most {MAX_NDIM} ints >= 0, got {shape!r:.120}")
-    return name, dtype, tuple(int(d) for d in shape)
+        raise BadDtype(f"array {short_repr(name)} has dtype {short_repr(dtype)}; allowed: {', '.join(DTYPES)}")
+    if not isinstance(shape, (list, tuple)) or not all(is_int(d) for d in shape):
+        raise BadRequest(f"array {short_repr(name)} shape must be a list of ints, got {short_repr(shape)}")
+    if len(shape) > MAX_NDIM or not all(0 <= d < MAX_DIM for d in shape):
+        raise BadShape(f"array {short_repr(name)} shape {short_repr(shape)}: at most {MAX_NDIM} dimensions, "
+                       f"each an int in [0, 2**31)", limit="shape")
+    itemsize = DTYPES[dtype].itemsize
+    count = outer = 1
+    for d in shape:
+        count *= d
+        outer *= max(d, 1)
+    if count * itemsize > max_bytes:
+        raise TooLarge(f"array {short_repr(name)} {dtype}{list(shape)} holds {count * itemsize} bytes, over "
+                       f"the {max_bytes}-byte message limit", limit="message_bytes")
+    if outer * itemsize > max_bytes:
+        raise BadShape(f"array {short_repr(name)} {dtype}{list(shape)} is empty, but its other dimensions "
+                       f"describe {outer * itemsize} bytes, over the {max_bytes}-byte message limit", limit="shape")
+    return name, dtype, tuple(shape)
 
 
-def decode_arrays(specs: Any, frames: Sequence[Any]) -> dict[str, np.ndarray]:
-    """Map array name -> ndarray view over `frames` as described by the header's `arrays` list."""
+def decode_arrays(specs: Any, frames: Sequence[Any], max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> dict[str, np.ndarray]:
+    """Map array name -> ndarray view over `frames` as described by the header's `arrays` list.
+
+    Every spec (name, dtype, shape, size) is checked before any frame is read or any array built.
+    """
     if specs is None:
         specs = []
     if not isinstance(specs, (list, tuple)):
         raise BadRequest(f"field 'arrays' must be a list, got {type(specs).__name__}")
     if len(specs) != len(frames):
         raise BadRequest(f"header lists {len(specs)} arrays but the message has {len(frames)} array frames")
+    parsed = [parse_spec(spec, i, max_bytes) for i, spec in enumerate(specs)]
     out: dict[str, np.ndarray] = {}
-    for i, (spec, frame) in enumerate(zip(specs, frames, strict=True)):
-        name, dtype_name, shape = _parse_spec(spec, i)
+    for (name, dtype_name, shape), frame in zip(parsed, frames, strict=True):
         if name in out:
-            raise BadRequest(f"array '{name}' is listed twice")
+            raise BadRequest(f"array {short_repr(name)} is listed twice")
         dtype = DTYPES[dtype_name]
         buf = frame.buffer if hasattr(frame, "buffer") else frame
         nbytes = memoryview(buf).nbytes
@@ -226,17 +295,10 @@ def decode_arrays(specs: Any, frames: Sequence[Any]) -> dict[str, np.ndarray]:
             expected *= d
         if nbytes != expected:
             raise BadRequest(
-                f"array '{name}' {dtype_name}{list(shape)} needs {expected} bytes, its frame has {nbytes}"
+                f"array {short_repr(name)} {dtype_name}{list(shape)} needs {expected} bytes, its frame has {nbytes}"
             )
         out[name] = np.frombuffer(buf, dtype=dtype).reshape(shape) if expected else np.empty(shape, dtype)
     return out
-
-
-def frame_size(frame: Any) -> int:
-    """Byte length of a zmq Frame, bytes or buffer."""
-    if hasattr(frame, "buffer"):
-        return memoryview(frame.buffer).nbytes
-    return memoryview(frame).nbytes
 
 
 def request_header(op: str, req_id: str | int, memory: str | None = None,
@@ -258,3 +320,4 @@ def ok_header(req_id: Any, result: dict[str, Any]) -> dict[str, Any]:
 def error_header(req_id: Any, code: str, message: str) -> dict[str, Any]:
     """An error reply header."""
     return {"v": PROTOCOL_VERSION, "id": req_id, "ok": False, "error": {"code": code, "message": message}}
+

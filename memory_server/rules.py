@@ -10,15 +10,21 @@ from __future__ import annotations
 import numpy as np
 
 KL_EPS = 1e-8
-_CHUNK_ROWS = 16_384  # bounds the float64 temporaries of row-wise work to a few MiB
+_BLOCK_BYTES = 4 << 20  # float64 temporaries of row-wise work stay under 4 MiB (not held, not in RSS later)
+
+
+def _rows(x: np.ndarray) -> int:
+    """Rows per block of float64 work on `x`."""
+    return max(1, _BLOCK_BYTES // (8 * max(1, x.shape[1])))
 
 
 def row_norms(x: np.ndarray) -> np.ndarray:
     """L2 norm of each row of a 2-D array, accumulated in float64.  # [n, d] -> [n]"""
     out = np.empty(x.shape[0], np.float64)
-    for i in range(0, x.shape[0], _CHUNK_ROWS):
-        block = x[i:i + _CHUNK_ROWS].astype(np.float64)
-        out[i:i + _CHUNK_ROWS] = np.sqrt(np.einsum("ij,ij->i", block, block))
+    step = _rows(x)
+    for i in range(0, x.shape[0], step):
+        block = x[i:i + step].astype(np.float64)
+        out[i:i + step] = np.sqrt(np.einsum("ij,ij->i", block, block))
     return out
 
 
@@ -26,11 +32,12 @@ def normalize_rows(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Unit-L2 rows as float32 (norms in float64); rows must have non-zero finite norm.  # [n, d]"""
     if out is None:
         out = np.empty(x.shape, np.float32)
-    for i in range(0, x.shape[0], _CHUNK_ROWS):
-        block = x[i:i + _CHUNK_ROWS].astype(np.float64)
+    step = _rows(x)
+    for i in range(0, x.shape[0], step):
+        block = x[i:i + step].astype(np.float64)
         norms = np.sqrt(np.einsum("ij,ij->i", block, block))
         block /= norms[:, None]
-        out[i:i + _CHUNK_ROWS] = block
+        out[i:i + step] = block
     return out
 
 
@@ -43,10 +50,11 @@ def normalize_distributions(v: np.ndarray) -> np.ndarray:
 def negentropy(p: np.ndarray) -> np.ndarray:
     """sum_t p_t ln p_t per row in float64, with 0 ln 0 = 0.  # [n, dv] -> [n]"""
     out = np.empty(p.shape[0], np.float64)
-    for i in range(0, p.shape[0], _CHUNK_ROWS):
-        block = p[i:i + _CHUNK_ROWS].astype(np.float64)
+    step = _rows(p)
+    for i in range(0, p.shape[0], step):
+        block = p[i:i + step].astype(np.float64)
         logs = np.log(block, out=np.zeros_like(block), where=block > 0)
-        out[i:i + _CHUNK_ROWS] = np.einsum("ij,ij->i", block, logs)
+        out[i:i + step] = np.einsum("ij,ij->i", block, logs)
     return out
 
 

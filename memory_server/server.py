@@ -1,15 +1,16 @@
-"""The ZeroMQ ROUTER loop: admit or refuse (busy), execute in order, group-commit, reply.
+"""The ZeroMQ ROUTER loop: admit or refuse, execute in order, group-commit, reply.
 
-One thread (the main thread) owns the socket and the store. Each turn it drains the socket into a
-bounded queue (requests beyond --max-queue get `busy` at once), executes queued requests in arrival
-order, fsyncs the log once for the group (`always`), then sends the group's replies. Sends never
-block: with ROUTER_MANDATORY an unroutable or full peer raises, and the reply is dropped and counted
-(the client's retry then gets the idempotent reply).
+One thread (the main thread) owns the socket and the store. Each turn it receives whole requests frame
+by frame (frames past --max-message-bytes are released at once and the request gets `too_large`),
+admits them into a queue bounded in count (--max-queue) and bytes (--max-queue-bytes), refusing the
+rest `busy`, executes queued requests in arrival order, fsyncs the log once for the group (`always`),
+then sends the group's replies through the Outbox, which bounds what waits for slow peers
+(--max-send-bytes). Nothing one request does ends the loop: the engine turns any exception into an
+`internal` reply; only FatalError (an invariant broken after logging) or a failed fsync stop it (exit 3).
 """
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import logging
 import socket
@@ -19,24 +20,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import parse_monitor_message
 
-from .engine import Engine, Reply
+from . import requests as rq
+from .engine import Engine, FatalError, Reply
+from .outbox import Outbox
 from .protocol import (
     DEFAULT_ENDPOINT,
     DEFAULT_MAX_MESSAGE_BYTES,
-    OPS,
+    MAX_HEADER_BYTES,
     Busy,
-    Internal,
+    MemoryServerError,
+    TooLarge,
     encode_frames,
     error_header,
     frame_size,
     ok_header,
-    valid_request_id,
+    unpack_header,
 )
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,7 @@ log = logging.getLogger(__name__)
 POLL_MS = 100
 CHILD_POLL_MS = 5
 GROUP_MAX = 64  # requests executed per fsync group
+SNDHWM = 1  # replies libzmq queues per peer; the rest wait in the Outbox, counted in bytes
 
 
 class BindRefused(ValueError):
@@ -57,6 +61,8 @@ class ServerConfig:
     bind: str = DEFAULT_ENDPOINT
     max_queue: int = 64
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_queue_bytes: int = 4 * DEFAULT_MAX_MESSAGE_BYTES
+    max_send_bytes: int = 4 * DEFAULT_MAX_MESSAGE_BYTES
     curve_secret_key: Path | None = None
     curve_clients: Path | None = None
     insecure: bool = False
@@ -121,14 +127,15 @@ def check_bind_policy(cfg: ServerConfig) -> None:
 
 @dataclass
 class _Pending:
-    envelope: list[Any]
-    body: list[Any]
+    envelope: list[bytes]  # routing id (and the empty delimiter of a REQ client)
+    body: list[Any]  # header frame first; only the first frames when `oversize`
     t_recv: float
     nbytes: int
+    oversize: bool = False
 
 
 class Server:
-    """ROUTER socket + bounded queue in front of an Engine."""
+    """ROUTER socket + bounded queues in front of an Engine."""
 
     def __init__(self, engine: Engine, cfg: ServerConfig, metrics: Any = None) -> None:
         self.engine = engine
@@ -138,7 +145,9 @@ class Server:
         self.auth: ThreadAuthenticator | None = None
         self.router: zmq.Socket | None = None
         self.monitor: zmq.Socket | None = None
+        self.outbox: Outbox | None = None
         self.queue: deque[_Pending] = deque()
+        self.queue_bytes = 0
         self.stopping = False
         self.endpoint: str | None = None
 
@@ -150,7 +159,7 @@ class Server:
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         router.setsockopt(zmq.MAXMSGSIZE, self.cfg.max_message_bytes)
         router.setsockopt(zmq.LINGER, self.cfg.linger_ms)
-        router.setsockopt(zmq.SNDHWM, 10_000)
+        router.setsockopt(zmq.SNDHWM, SNDHWM)
         router.setsockopt(zmq.RCVHWM, 10_000)
         if ipv6:
             router.setsockopt(zmq.IPV6, 1)
@@ -172,27 +181,33 @@ class Server:
             router.close(0)
             raise BindRefused(f"cannot bind {self.cfg.bind}: {exc}") from exc
         self.router = router
+        self.outbox = Outbox(router, self.cfg.max_send_bytes, self.metrics)
         self.monitor = router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self.endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
         return self.endpoint
 
     # ---- the loop -------------------------------------------------------------------------------
 
-    def serve_forever(self) -> None:
-        """Serve until `stopping` is set (signal handler); then finish and snapshot."""
+    def serve_forever(self) -> bool:
+        """Serve until `stopping` is set (signal handler); then finish and snapshot.
+
+        Returns False when the final snapshot failed (the caller exits 1).
+        """
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.monitor, zmq.POLLIN)
+        durability = self.engine.durability
         while not self.stopping:
-            waiting = self.engine.durability.child is not None  # reap a snapshot child promptly
-            events = dict(poller.poll(0 if self.queue else (CHILD_POLL_MS if waiting else POLL_MS)))
+            timeout = 0 if self.queue else (CHILD_POLL_MS if durability.child is not None else POLL_MS)
+            wait = self.outbox.wait_ms()
+            events = dict(poller.poll(timeout if wait is None else min(timeout, wait)))
             if self.monitor in events:
                 self._drain_monitor()
+            self.outbox.flush()
             self._admit()
             self._process_group()
-            for token, ok, message in self.engine.durability.poll(self.engine.store):
-                self._snapshot_done(token, ok, message)
-        self._shutdown()
+            durability.poll(self.engine.store)  # finished snapshots send their deferred replies
+        return self._shutdown()
 
     def _drain_monitor(self) -> None:
         while True:
@@ -206,112 +221,135 @@ class Server:
                 elif msg["event"] == zmq.EVENT_DISCONNECTED:
                     self.metrics.clients.dec()
 
+    def _receive(self) -> _Pending | None:
+        """One whole request, frame by frame; frames past --max-message-bytes are released as they come."""
+        try:
+            identity = self.router.recv(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return None
+        t_recv = time.perf_counter()
+        body: list[Any] = []
+        total, oversize, more = 0, False, identity.more
+        while more:
+            frame = self.router.recv(copy=False)  # the rest of a multipart message is already here
+            more = frame.more
+            total += frame_size(frame)
+            if total > self.cfg.max_message_bytes:
+                oversize = True
+            if len(body) < 2 or not oversize:
+                body.append(frame)  # keep the delimiter and header of an oversize request, for its reply
+        envelope = [identity.bytes]
+        if body and frame_size(body[0]) == 0:  # REQ clients send an empty delimiter first
+            envelope.append(b"")
+            body = body[1:]
+        return _Pending(envelope, body, t_recv, total, oversize)
+
     def _admit(self) -> None:
         # Bounded, so a flood of refused requests cannot starve the queue.
         for _ in range(max(256, 4 * self.cfg.max_queue)):
-            try:
-                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            now = time.perf_counter()
-            identity, rest = frames[0], frames[1:]
-            delimited = bool(rest) and len(rest[0]) == 0  # REQ clients send an empty delimiter first
-            envelope = [identity, b""] if delimited else [identity]
-            item = _Pending(envelope, rest[1:] if delimited else rest, now, sum(frame_size(f) for f in rest))
-            if len(self.queue) >= self.cfg.max_queue:
-                self._refuse_busy(item)
+            item = self._receive()
+            if item is None:
+                break
+            if item.oversize:
+                self._refuse(item, TooLarge(f"request of more than {self.cfg.max_message_bytes} bytes exceeds "
+                                            f"--max-message-bytes {self.cfg.max_message_bytes}", limit="message_bytes"))
+            elif self.outbox.blocked(item.envelope[0]) and self.outbox.full():
+                self._refuse(item, Busy(f"replies to this client wait unread (--max-send-bytes "
+                                        f"{self.cfg.max_send_bytes}); read them, then retry", limit="send_bytes"))
+            elif len(self.queue) >= self.cfg.max_queue:
+                self._refuse(item, Busy(f"queue full ({self.cfg.max_queue} requests waiting, --max-queue); retry "
+                                        f"later", limit="queue"))
+            elif self.queue_bytes + item.nbytes > self.cfg.max_queue_bytes:
+                self._refuse(item, Busy(f"queue full ({self.queue_bytes} bytes waiting, --max-queue-bytes "
+                                        f"{self.cfg.max_queue_bytes}); retry later", limit="queue_bytes"))
             else:
                 self.queue.append(item)
+                self.queue_bytes += item.nbytes
         self._set_depth()
 
     def _set_depth(self) -> None:
         self.engine.queue_depth = len(self.queue)
         if self.metrics is not None:
             self.metrics.queue_depth.set(len(self.queue))
+            self.metrics.queue_bytes.set(self.queue_bytes)
 
-    def _peek(self, item: _Pending) -> tuple[Any, str | None]:
+    def _refuse(self, item: _Pending, exc: MemoryServerError) -> None:
+        """Answer without executing: the id and op echoed are what parse_head accepts of the header."""
         try:
-            header = msgpack.unpackb(item.body[0], raw=False, strict_map_key=False)
-        except (msgpack.UnpackException, ValueError, TypeError, IndexError):
-            return None, None
-        if not isinstance(header, dict):
-            return None, None
-        op = header.get("op") if isinstance(header.get("op"), str) else None
-        return (header.get("id") if valid_request_id(header.get("id")) else None), op
-
-    def _refuse_busy(self, item: _Pending) -> None:
-        req_id, op = self._peek(item)
-        self.engine.errors["busy"] += 1
+            header = unpack_header(item.body[0], MAX_HEADER_BYTES) if item.body else None
+            req_id, op = rq.peek_id_op(header)
+            if isinstance(exc, TooLarge) and header is not None:
+                rq.parse_head(header, item.nbytes, self.cfg.max_message_bytes)  # earlier faults win, as in the engine
+        except MemoryServerError as early:
+            req_id, op = rq.failed_id_op(early)
+            if not isinstance(exc, Busy):
+                exc = early
         if self.metrics is not None:
-            self.metrics.busy.inc()
-            self.metrics.started.labels(op if op in OPS else "invalid").inc()
-        exc = Busy(f"queue full ({self.cfg.max_queue} requests waiting, --max-queue); retry later")
-        self._send(item, Reply(req_id, op if op in OPS else None, error=exc))
+            if isinstance(exc, Busy):
+                self.metrics.busy.inc()
+            self.metrics.started.labels(op or "invalid").inc()
+        self._send(item, self.engine.count(Reply(req_id, op, error=exc)))
 
     def _process_group(self) -> None:
         held: list[tuple[_Pending, Reply]] = []
+        durability = self.engine.durability
         for _ in range(GROUP_MAX):
             if not self.queue or self.stopping:
                 break
             item = self.queue.popleft()
+            self.queue_bytes -= item.nbytes
             self._set_depth()
             reply = self.engine.handle_frames(item.body)
             if self.metrics is not None:
                 self.metrics.started.labels(reply.op or "invalid").inc()
                 self.metrics.request_bytes.labels(reply.op or "invalid").inc(item.nbytes)
-            if reply.deferred:
-                for token, ok, message in self.engine.durability.request_snapshot(self.engine.store, (item, reply)):
-                    self._snapshot_done(token, ok, message)
-            elif self.engine.durability.dirty or held:
-                held.append((item, reply))  # it may have read state that is not durable yet
+            if reply.ticket is not None and not reply.ticket.done:
+                reply.ticket.add_done_callback(lambda _t, item=item, reply=reply: self._send(item, reply.after_snapshot()))
+            elif durability.dirty or held:
+                held.append((item, reply.after_snapshot()))  # it may have read state that is not durable yet
             else:
-                self._send(item, reply)
+                self._send(item, reply.after_snapshot())
             self._admit()
         if held:
-            self.engine.durability.commit()
+            try:
+                durability.commit()
+            except OSError as exc:  # after a failed fsync the kernel may have dropped the pages: stop
+                raise FatalError(f"fdatasync of the write-ahead log failed: {exc}") from exc
             for item, reply in held:
                 self._send(item, reply)
 
-    def _snapshot_done(self, token: Any, ok: bool, message: str) -> None:
-        if token is None:
-            return
-        item, reply = token
-        if not ok:
-            reply = Reply(reply.req_id, reply.op, error=Internal(message or "snapshot failed"))
-        self._send(item, reply)
+    def _encode(self, reply: Reply) -> list[Any]:
+        if reply.error is None:
+            return encode_frames(ok_header(reply.req_id, reply.result or {}), reply.arrays)
+        return encode_frames(error_header(reply.req_id, reply.error.code, reply.error.message))
 
     def _send(self, item: _Pending, reply: Reply) -> None:
-        if reply.error is None:
-            frames = encode_frames(ok_header(reply.req_id, reply.result or {}), reply.arrays)
-        else:
-            frames = encode_frames(error_header(reply.req_id, reply.error.code, reply.error.message))
         try:
-            self.router.send_multipart(item.envelope + frames, zmq.NOBLOCK, copy=False)
-        except zmq.ZMQError as exc:
-            if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
-                raise
-            log.debug("reply to a gone or slow peer dropped: %s", exc)
-            if self.metrics is not None:
-                self.metrics.dropped_replies.inc()
+            frames = self._encode(reply)
+        except Exception as exc:  # noqa: BLE001 - a reply that cannot be encoded is a bug, not a crash
+            reply = self.engine.internal(reply.req_id, reply.op, exc)
+            frames = self._encode(reply)
+        nbytes = sum(frame_size(f) for f in frames)
+        self.outbox.send(item.envelope, frames, nbytes)
         if self.metrics is not None:
             op = reply.op or "invalid"
             self.metrics.handled.labels(op, reply.code).inc()
             self.metrics.duration.labels(op).observe(time.perf_counter() - item.t_recv)
-            self.metrics.response_bytes.labels(op).inc(sum(frame_size(f) for f in frames))
+            self.metrics.response_bytes.labels(op).inc(nbytes)
 
     # ---- stopping -------------------------------------------------------------------------------
 
-    def _shutdown(self) -> None:
+    def _shutdown(self) -> bool:
         """Refuse what is queued, finish the running snapshot, write a final one, flush replies."""
         while self.queue:
             item = self.queue.popleft()
-            req_id, op = self._peek(item)
-            self._send(item, Reply(req_id, op if op in OPS else None,
-                                   error=Busy("server is shutting down; retry later")))
+            self._refuse(item, Busy("server is shutting down; retry later"))
+        self.queue_bytes = 0
         self._set_depth()
-        for token, ok, message in self.engine.durability.close(self.engine.store, final_snapshot=True):
-            self._snapshot_done(token, ok, message)
+        ok = self.engine.durability.close(self.engine.store, final_snapshot=True)
+        self.outbox.flush(now=float("inf"))
         self.close()
+        return ok
 
     def close(self, linger_ms: int | None = None) -> None:
         """Close sockets (waiting up to linger for replies to leave) and the authenticator."""

@@ -1,12 +1,21 @@
 """MemoryStore: the named memories (keys/values/ages/item_ids + search) and their state transitions.
 
-Mutations are split in two: `plan_*` computes an effect from the current state without changing it,
-`apply` writes an effect in place. The server logs the effect between the two, and WAL replay calls
-the same `apply`, so recovery reproduces the live state bit for bit. One thread owns a store: no locks.
+Mutations are split in three: `plan_*` computes an effect from the current state without changing it,
+`check` verifies everything applying it relies on, and `apply` = `prepare` (every allocation) then
+`commit` (in-place writes that cannot fail). The engine logs an effect after `check` and before
+`prepare`, and WAL replay runs `check` + `apply` too, so recovery reproduces the live state bit for
+bit and refuses a record it cannot apply instead of crashing on it. One thread owns a store: no locks.
+
+Accounting: `layout()` lists every array a memory holds, `Memory.nbytes()` adds its idempotency window,
+its searcher's own structures (`Searcher.nbytes()`) and a fixed overhead (at least MIN_MEMORY_BYTES),
+and `planned_nbytes()` gives the same figure before a `create`, so `--max-memory-bytes` bounds what the
+process really holds (tested against its RSS). A new array or index type adds one line to `layout()`
+or to its searcher's `nbytes()`.
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -14,11 +23,71 @@ from typing import Any
 import numpy as np
 
 from . import rules
-from .backends import Searcher, make_searcher
+from .backends import Searcher, make_searcher, searcher_nbytes
 from .effects import CreateEffect, DropEffect, Effect, PutEffect, UpdateEffect
-from .protocol import IDEMPOTENCY_WINDOW, Exists, NoSuchMemory, TooLarge
+from .protocol import (
+    DEFAULT_MAX_MEMORIES,
+    IDEMPOTENCY_WINDOW,
+    Exists,
+    NoSuchMemory,
+    TooLarge,
+    check_memory_name,
+    short_repr,
+    valid_request_id,
+)
 
 MAX_CAPACITY = 2**31 - 1  # slots are stored as int32 in the idempotency window
+MIN_MEMORY_BYTES = 64 * 1024  # PROTOCOL.md Limits: each memory counts at least this
+OBJECT_BYTES = 8 * 1024  # the Python objects of a memory (Memory, dicts, searcher object), measured < 4 KiB
+# Python objects of one remembered reply (OrderedDict node, WindowEntry, two small ndarrays), measured
+# with tracemalloc at ~460 bytes for an update and ~220 for a put, plus its id and 5 bytes per row.
+WINDOW_ENTRY_BYTES = 512
+
+PERSISTENT_ARRAYS = ("keys", "values", "ages", "item_ids", "written", "negent")  # saved in snapshots
+SCRATCH_ARRAYS = ("aged", "scores", "part", "noise")  # per-slot buffers reused by every update
+
+
+class EffectInvalid(ValueError):
+    """An effect that cannot be applied to the store (a bug when planned live, corruption in a log)."""
+
+
+def layout(capacity: int, key_dim: int, value_dim: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """(shape, dtype) of every array a memory holds: the protocol arrays, bookkeeping and scratch."""
+    m = capacity
+    return {
+        "keys": ((m, key_dim), np.dtype(np.float32)),
+        "values": ((m, value_dim), np.dtype(np.float32)),
+        "ages": ((m,), np.dtype(np.float32)),
+        "item_ids": ((m,), np.dtype(np.int64)),
+        "written": ((m,), np.dtype(bool)),  # slot written at least once (for `filled`)
+        "negent": ((m,), np.dtype(np.float64)),  # cached sum p ln p per slot, for KL
+        "aged": ((m,), np.dtype(np.float32)),
+        "scores": ((m,), np.dtype(np.float64)),
+        "part": ((m,), np.dtype(np.float64)),
+        "noise": ((m,), np.dtype(np.float64)),
+    }
+
+
+def arrays_nbytes(capacity: int, key_dim: int, value_dim: int) -> int:
+    """Bytes of every array in `layout()`."""
+    return sum(math.prod(shape) * dt.itemsize for shape, dt in layout(capacity, key_dim, value_dim).values())
+
+
+def planned_nbytes(capacity: int, key_dim: int, value_dim: int, backend: str) -> int:
+    """What a new memory of this shape will hold (Memory.nbytes() of a fresh one), checked before a create."""
+    held = arrays_nbytes(capacity, key_dim, value_dim) + searcher_nbytes(backend, capacity, key_dim)
+    return max(MIN_MEMORY_BYTES, held + OBJECT_BYTES)
+
+
+def memory_nbytes(capacity: int, key_dim: int, value_dim: int) -> int:
+    """Bytes of a memory's four protocol arrays (keys, values, ages, item_ids): what `export` returns."""
+    return capacity * (4 * key_dim + 4 * value_dim + 4 + 8)
+
+
+def window_entry_nbytes(req_id: Any, rows: int) -> int:
+    """Accounted bytes of one remembered reply."""
+    id_bytes = len(req_id.encode("utf-8", "surrogatepass")) if isinstance(req_id, str) else 8
+    return WINDOW_ENTRY_BYTES + id_bytes + 5 * rows
 
 
 @dataclass(frozen=True)
@@ -35,10 +104,9 @@ class WindowEntry:
             return {"version": self.version}, []
         return {"version": self.version}, [("hit", self.hit), ("slots", self.slots.astype(np.int64))]
 
-
-def memory_nbytes(capacity: int, key_dim: int, value_dim: int) -> int:
-    """Bytes of a memory's protocol arrays (keys, values, ages, item_ids)."""
-    return capacity * (4 * key_dim + 4 * value_dim + 4 + 8)
+    @property
+    def rows(self) -> int:
+        return 0 if self.hit is None else int(self.hit.size)
 
 
 def initial_keys(capacity: int, key_dim: int, seed: int) -> np.ndarray:
@@ -47,8 +115,26 @@ def initial_keys(capacity: int, key_dim: int, seed: int) -> np.ndarray:
     return rules.normalize_rows(keys, out=keys)
 
 
+def _expect(cond: bool, message: str) -> None:
+    if not cond:
+        raise EffectInvalid(message)
+
+
+def _expect_array(name: str, a: Any, dtype: Any, shape: tuple[int | None, ...]) -> None:
+    ok = isinstance(a, np.ndarray) and a.dtype == np.dtype(dtype) and a.ndim == len(shape) and all(
+        want is None or got == want for got, want in zip(a.shape, shape, strict=True))
+    got = f"{a.dtype}{list(a.shape)}" if isinstance(a, np.ndarray) else type(a).__name__
+    _expect(ok, f"{name} is {got}, expected {np.dtype(dtype)}{['*' if s is None else s for s in shape]}")
+
+
+def _expect_slots(name: str, a: np.ndarray, capacity: int) -> None:
+    if a.size:
+        lo, hi = int(a.min()), int(a.max())
+        _expect(lo >= 0 and hi < capacity, f"{name} holds slot {lo if lo < 0 else hi}, outside [0, {capacity})")
+
+
 class Memory:
-    """One named memory: four protocol arrays plus bookkeeping, mutated only through `apply`."""
+    """One named memory: the arrays of `layout()` plus bookkeeping, mutated only through `apply`."""
 
     def __init__(self, name: str, keys: np.ndarray, values: np.ndarray, ages: np.ndarray,
                  item_ids: np.ndarray, written: np.ndarray, version: int = 0, hits: int = 0,
@@ -63,12 +149,11 @@ class Memory:
         # cached sum p ln p per slot, for KL (saved in snapshots: recomputing costs m*dv logs)
         self.negent = rules.negentropy(values) if negent is None else negent
         self.window: OrderedDict[Any, WindowEntry] = OrderedDict()
+        self.window_bytes = 0
         self.searcher: Searcher | None = None
-        m = self.capacity
-        self._aged = np.empty(m, np.float32)  # scratch buffers reused by every update (no page faults)
-        self._scores = np.empty(m, np.float64)
-        self._part = np.empty(m, np.float64)
-        self._noise = np.empty(m, np.float64)
+        spec = layout(self.capacity, self.key_dim, self.value_dim)
+        # scratch buffers reused by every update (no page faults, and counted in nbytes())
+        self._aged, self._scores, self._part, self._noise = (np.empty(*spec[n]) for n in SCRATCH_ARRAYS)
 
     @classmethod
     def fresh(cls, name: str, capacity: int, key_dim: int, value_dim: int, seed: int) -> Memory:
@@ -81,6 +166,12 @@ class Memory:
     @property
     def shape(self) -> tuple[int, int, int]:
         return self.capacity, self.key_dim, self.value_dim
+
+    def nbytes(self) -> int:
+        """Every byte this memory holds: arrays, scratch, idempotency window, searcher, object overhead."""
+        searcher = self.searcher.nbytes() if self.searcher is not None else 0
+        held = arrays_nbytes(*self.shape) + searcher + OBJECT_BYTES
+        return max(MIN_MEMORY_BYTES, held) + self.window_bytes
 
     # ---- reads -------------------------------------------------------------------------------
 
@@ -104,6 +195,11 @@ class Memory:
     def gather(self, field: str, slots: np.ndarray) -> np.ndarray:
         """A protocol array gathered at `slots` (a fresh copy)."""
         return getattr(self, field)[slots]
+
+    def row_bytes(self, fields: Any) -> int:
+        """Bytes per gathered slot of the protocol arrays named in `fields`."""
+        per = {"keys": 4 * self.key_dim, "values": 4 * self.value_dim, "ages": 4, "item_ids": 8}
+        return sum(per[f] for f in fields)
 
     # ---- planning (no state change) ------------------------------------------------------------
 
@@ -135,7 +231,7 @@ class Memory:
         miss_ids = item_ids[miss_rows].astype(np.int64) if item_ids is not None else np.full(miss_rows.size, -1, np.int64)
         return UpdateEffect(
             name=self.name, version=self.version + 1, req_id=req_id,
-            written_slots=np.concatenate([hit_slots, miss_slots]),
+            written_slots=np.concatenate([hit_slots, miss_slots]).astype(np.int64, copy=False),
             written_keys=np.concatenate([hit_keys, q_hat[miss_rows]]).astype(np.float32, copy=False),
             miss_slots=miss_slots, miss_values=v_norm[miss_rows].astype(np.float32),
             miss_item_ids=miss_ids, hit=hit, row_slots=row_slots,
@@ -147,49 +243,102 @@ class Memory:
         return PutEffect(self.name, self.version + 1, req_id, slots.astype(np.int64), keys_hat,
                          v_norm.astype(np.float32), ages.astype(np.float32), item_ids.astype(np.int64))
 
-    # ---- applying -------------------------------------------------------------------------------
+    # ---- checking and applying -------------------------------------------------------------------
 
-    def _mark_written(self, slots: np.ndarray) -> None:
-        fresh = slots[~self.written[slots]]
-        self.filled += int(np.unique(fresh).size)
-        self.written[slots] = True
+    def check(self, effect: UpdateEffect | PutEffect) -> None:
+        """EffectInvalid unless `effect` applies to this memory exactly as planned (shapes, slots, version)."""
+        _expect(effect.version == self.version + 1,
+                f"memory {self.name!r}: effect version {effect.version} does not follow version {self.version}")
+        _expect(valid_request_id(effect.req_id), f"effect request id {short_repr(effect.req_id)} is not a valid id")
+        m, dk, dv = self.shape
+        if isinstance(effect, UpdateEffect):
+            b_rows = effect.hit.shape[0] if isinstance(effect.hit, np.ndarray) else -1
+            _expect_array("hit", effect.hit, bool, (None,))
+            _expect_array("row_slots", effect.row_slots, np.int64, (b_rows,))
+            n_miss = int(b_rows - np.count_nonzero(effect.hit))
+            _expect_array("miss_slots", effect.miss_slots, np.int64, (n_miss,))
+            _expect_array("miss_values", effect.miss_values, np.float32, (n_miss, dv))
+            _expect_array("miss_item_ids", effect.miss_item_ids, np.int64, (n_miss,))
+            _expect_array("written_slots", effect.written_slots, np.int64, (None,))
+            u = effect.written_slots.shape[0]
+            _expect_array("written_keys", effect.written_keys, np.float32, (u, dk))
+            _expect(u >= n_miss and np.array_equal(effect.written_slots[u - n_miss:], effect.miss_slots),
+                    "written_slots must end with miss_slots")
+            for name in ("written_slots", "row_slots"):
+                _expect_slots(name, getattr(effect, name), m)
+            slots, keys, values = effect.written_slots, effect.written_keys, effect.miss_values
+        else:
+            _expect_array("slots", effect.slots, np.int64, (None,))
+            n = effect.slots.shape[0]
+            _expect_array("keys", effect.keys, np.float32, (n, dk))
+            _expect_array("values", effect.values, np.float32, (n, dv))
+            _expect_array("ages", effect.ages, np.float32, (n,))
+            _expect_array("item_ids", effect.item_ids, np.int64, (n,))
+            _expect_slots("slots", effect.slots, m)
+            _expect(bool(np.isfinite(effect.ages).all()) and not (effect.ages < 0).any(),
+                    "ages must be finite and >= 0")
+            slots, keys, values = effect.slots, effect.keys, effect.values
+        _expect(np.unique(slots).size == slots.size, "written slots repeat")
+        _expect(bool(np.isfinite(keys).all() and np.isfinite(values).all()), "keys or values hold NaN or Inf")
+        _expect(not (values < 0).any(), "values hold a negative entry")
 
-    def _remember(self, req_id: Any, entry: WindowEntry) -> None:
-        self.window[req_id] = entry
-        self.window.move_to_end(req_id)
-        while len(self.window) > IDEMPOTENCY_WINDOW:
-            self.window.popitem(last=False)
+    def prepare(self, effect: UpdateEffect | PutEffect) -> tuple[Any, ...]:
+        """Every allocation `commit` needs (a failure here leaves the memory untouched)."""
+        if isinstance(effect, UpdateEffect):
+            ms = effect.miss_slots
+            entry = WindowEntry(effect.version, np.array(effect.hit, bool), effect.row_slots.astype(np.int32))
+            n_hit = int(np.count_nonzero(effect.hit))
+            return ms, rules.negentropy(effect.miss_values), self._fresh_count(ms), entry, n_hit
+        ws = effect.slots
+        return ws, rules.negentropy(effect.values), self._fresh_count(ws), WindowEntry(effect.version), 0
 
-    def apply(self, effect: UpdateEffect | PutEffect) -> None:
-        """Write an update or put effect in place (live and during WAL replay)."""
-        if effect.version != self.version + 1:
-            raise RuntimeError(f"memory {self.name!r}: effect version {effect.version} after {self.version}")
+    def _fresh_count(self, slots: np.ndarray) -> int:
+        return int(np.unique(slots[~self.written[slots]]).size)
+
+    def commit(self, effect: UpdateEffect | PutEffect, prepared: tuple[Any, ...]) -> None:
+        """In-place writes of a checked, prepared effect (nothing here allocates more than a few indices)."""
+        written, negent, fresh, entry, n_hit = prepared
         if isinstance(effect, UpdateEffect):
             self.ages += np.float32(1)
-            ws, ms = effect.written_slots, effect.miss_slots
+            ws = effect.written_slots
             self.keys[ws] = effect.written_keys
             self.ages[ws] = 0
-            self.values[ms] = effect.miss_values
-            self.item_ids[ms] = effect.miss_item_ids
-            self.negent[ms] = rules.negentropy(effect.miss_values)
-            self._mark_written(ms)
-            n_hit = int(np.count_nonzero(effect.hit))
+            self.values[written] = effect.miss_values
+            self.item_ids[written] = effect.miss_item_ids
             self.hits += n_hit
             self.misses += int(effect.hit.size) - n_hit
-            entry = WindowEntry(effect.version, np.array(effect.hit, bool), effect.row_slots.astype(np.int32))
         else:
-            ws = effect.slots
+            ws = written
             self.keys[ws] = effect.keys
             self.values[ws] = effect.values
             self.ages[ws] = effect.ages
             self.item_ids[ws] = effect.item_ids
-            self.negent[ws] = rules.negentropy(effect.values)
-            self._mark_written(ws)
-            entry = WindowEntry(effect.version)
+        self.negent[written] = negent
+        self.written[written] = True
+        self.filled += fresh
         self.version = effect.version
         self._remember(effect.req_id, entry)
         if self.searcher is not None:
             self.searcher.keys_written(ws)
+
+    def apply(self, effect: UpdateEffect | PutEffect) -> None:
+        """check + prepare + commit (WAL replay and tests)."""
+        self.check(effect)
+        self.commit(effect, self.prepare(effect))
+
+    def _remember(self, req_id: Any, entry: WindowEntry) -> None:
+        old = self.window.pop(req_id, None)
+        if old is not None:
+            self.window_bytes -= window_entry_nbytes(req_id, old.rows)
+        self.window[req_id] = entry
+        self.window_bytes += window_entry_nbytes(req_id, entry.rows)
+        while len(self.window) > IDEMPOTENCY_WINDOW:
+            self.forget_oldest()
+
+    def forget_oldest(self) -> None:
+        """Drop the oldest remembered reply."""
+        req_id, entry = self.window.popitem(last=False)
+        self.window_bytes -= window_entry_nbytes(req_id, entry.rows)
 
     def export(self) -> list[tuple[str, np.ndarray]]:
         """Copies of the four protocol arrays (copies: replies are sent after later writes)."""
@@ -198,13 +347,18 @@ class Memory:
 
 
 class MemoryStore:
-    """All named memories of one server, their search backend and the total size limit."""
+    """All named memories of one server, their search backend and the limits on their number and bytes."""
 
-    def __init__(self, backend: str = "faiss-cpu", max_memory_bytes: int | None = None) -> None:
+    def __init__(self, backend: str = "faiss-cpu", max_memory_bytes: int | None = None,
+                 max_memories: int = DEFAULT_MAX_MEMORIES) -> None:
         self.backend = backend
         self.max_memory_bytes = max_memory_bytes
+        self.max_memories = max_memories
         self.memories: dict[str, Memory] = {}
         self.attach_searchers = True  # False during WAL replay: attach once at the end
+        self.window_evictions = 0  # replies forgotten early because of --max-memory-bytes
+        self._fixed_bytes = 0  # sum of planned() over the memories
+        self._window_bytes = 0  # sum of their windows' bytes
 
     def get(self, name: str) -> Memory:
         """The memory `name` or NoSuchMemory."""
@@ -214,7 +368,26 @@ class MemoryStore:
         return mem
 
     def total_nbytes(self) -> int:
-        return sum(memory_nbytes(*m.shape) for m in self.memories.values())
+        """Every byte held for all memories (Memory.nbytes summed), kept up to date incrementally."""
+        return self._fixed_bytes + self._window_bytes
+
+    def planned(self, mem: Memory) -> int:
+        """A memory's bytes without its window (fixed for its lifetime)."""
+        return planned_nbytes(*mem.shape, self.backend)
+
+    def check_create(self, name: str, capacity: int, key_dim: int, value_dim: int) -> None:
+        """TooLarge when a new memory of this shape would pass --max-memories or --max-memory-bytes."""
+        if capacity > MAX_CAPACITY:
+            raise TooLarge(f"capacity {capacity} exceeds the maximum {MAX_CAPACITY}", limit="capacity")
+        if len(self.memories) >= self.max_memories:
+            raise TooLarge(f"create {name!r}: the server holds {len(self.memories)} memories, "
+                           f"--max-memories is {self.max_memories}", limit="memories")
+        need = planned_nbytes(capacity, key_dim, value_dim, self.backend)
+        held = self.total_nbytes()
+        if self.max_memory_bytes is not None and held + need > self.max_memory_bytes:
+            raise TooLarge(f"create {name!r} needs {need} bytes (arrays, scratch, search structures); with the "
+                           f"{held} bytes held that exceeds --max-memory-bytes {self.max_memory_bytes}",
+                           limit="memory_bytes")
 
     def plan_create(self, name: str, capacity: int, key_dim: int, value_dim: int, seed: int) -> CreateEffect | None:
         """None when the same shape exists (create is idempotent); Exists or TooLarge when refused."""
@@ -226,14 +399,7 @@ class MemoryStore:
                 f"memory {name!r} exists with capacity={mem.capacity}, key_dim={mem.key_dim}, "
                 f"value_dim={mem.value_dim}; requested {capacity}, {key_dim}, {value_dim}"
             )
-        if capacity > MAX_CAPACITY:
-            raise TooLarge(f"capacity {capacity} exceeds the maximum {MAX_CAPACITY}")
-        need = memory_nbytes(capacity, key_dim, value_dim)
-        if self.max_memory_bytes is not None and self.total_nbytes() + need > self.max_memory_bytes:
-            raise TooLarge(
-                f"create {name!r} needs {need} bytes; with the {self.total_nbytes()} bytes held that exceeds "
-                f"--max-memory-bytes {self.max_memory_bytes}"
-            )
+        self.check_create(name, capacity, key_dim, value_dim)
         return CreateEffect(name, capacity, key_dim, value_dim, seed)
 
     def attach(self, mem: Memory) -> None:
@@ -242,9 +408,14 @@ class MemoryStore:
 
     def add(self, mem: Memory) -> None:
         """Insert a loaded memory (snapshot recovery)."""
-        self.memories[mem.name] = mem
         if self.attach_searchers:
             self.attach(mem)
+        self._insert(mem)
+
+    def _insert(self, mem: Memory) -> None:
+        self.memories[mem.name] = mem
+        self._fixed_bytes += self.planned(mem)
+        self._window_bytes += mem.window_bytes
 
     def attach_all(self) -> None:
         """Attach searchers to every memory (after replay), and attach future ones at once."""
@@ -253,15 +424,72 @@ class MemoryStore:
             if mem.searcher is None:
                 self.attach(mem)
 
-    def apply(self, effect: Effect) -> None:
-        """Apply any effect: create, drop, update or put."""
+    # ---- effects --------------------------------------------------------------------------------
+
+    def check(self, effect: Effect) -> None:
+        """EffectInvalid (or TooLarge for a create over the limits) unless `effect` applies as planned."""
         if isinstance(effect, CreateEffect):
-            if effect.name in self.memories:
-                raise RuntimeError(f"create of existing memory {effect.name!r}")
-            self.add(Memory.fresh(effect.name, effect.capacity, effect.key_dim, effect.value_dim, effect.seed))
+            try:
+                check_memory_name(effect.name)
+            except Exception as exc:
+                raise EffectInvalid(f"create of an invalid memory name: {exc}") from None
+            _expect(effect.name not in self.memories, f"create of existing memory {effect.name!r}")
+            for field in ("capacity", "key_dim", "value_dim"):
+                _expect(1 <= getattr(effect, field) <= MAX_CAPACITY, f"create {field} {getattr(effect, field)} "
+                        f"is outside [1, {MAX_CAPACITY}]")
+            _expect(0 <= effect.seed < 2**63, f"create seed {effect.seed} is outside [0, 2**63)")
+            self.check_create(effect.name, effect.capacity, effect.key_dim, effect.value_dim)
+        elif isinstance(effect, DropEffect):
+            _expect(effect.name in self.memories, f"drop of memory {effect.name!r}, which does not exist")
+        else:
+            mem = self.memories.get(effect.name)
+            _expect(mem is not None, f"{type(effect).__name__} for memory {effect.name!r}, which does not exist")
+            mem.check(effect)
+
+    def prepare(self, effect: Effect) -> Any:
+        """Every allocation of applying a checked effect; a failure here changes nothing."""
+        if isinstance(effect, CreateEffect):
+            mem = Memory.fresh(effect.name, effect.capacity, effect.key_dim, effect.value_dim, effect.seed)
+            if self.attach_searchers:
+                self.attach(mem)
+            return mem
+        if isinstance(effect, DropEffect):
+            return None
+        return self.memories[effect.name].prepare(effect)
+
+    def commit(self, effect: Effect, prepared: Any) -> None:
+        """The in-place part of applying a checked, prepared effect."""
+        if isinstance(effect, CreateEffect):
+            self._insert(prepared)
         elif isinstance(effect, DropEffect):
             mem = self.memories.pop(effect.name)
+            self._fixed_bytes -= self.planned(mem)
+            self._window_bytes -= mem.window_bytes
             if mem.searcher is not None:
                 mem.searcher.close()
         else:
-            self.get(effect.name).apply(effect)
+            mem = self.memories[effect.name]
+            before = mem.window_bytes
+            mem.commit(effect, prepared)
+            self._window_bytes += mem.window_bytes - before
+            self._shed_window(mem)
+
+    def apply(self, effect: Effect) -> None:
+        """check + prepare + commit any effect: create, drop, update or put (replay and tests)."""
+        self.check(effect)
+        self.commit(effect, self.prepare(effect))
+
+    def _shed_window(self, mem: Memory) -> None:
+        """Over --max-memory-bytes, forget the oldest replies of the memory that just grew its window.
+
+        A mutation is never refused for its window (the memory would become read-only for good); the
+        idempotency window of that memory gets shorter instead, counted in `window_evictions`. Replay
+        sheds the same entries, so the window after a restart is the live one.
+        """
+        if self.max_memory_bytes is None:
+            return
+        while self.total_nbytes() > self.max_memory_bytes and len(mem.window) > 1:
+            before = mem.window_bytes
+            mem.forget_oldest()
+            self._window_bytes -= before - mem.window_bytes
+            self.window_evictions += 1

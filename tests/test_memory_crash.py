@@ -15,6 +15,7 @@ from memserver_helpers import UpdateStream, assert_same_state, free_port, header
 from memory_server.client import MemoryClient, MemoryUnavailable
 from memory_server.launcher import ServerStartError
 from memory_server.local import InProcessMemory
+from memory_server.wal import SEGMENT_HEADER_BYTES
 
 pytestmark = pytest.mark.integration
 
@@ -151,7 +152,8 @@ def test_sigterm_snapshots_and_exits_zero(tmp_path):
         assert srv.stop() == 0
     snaps = sorted(data.glob("snap-*"))
     assert len(snaps) == 1 and '"version": 4' in (snaps[0] / "manifest.json").read_text()
-    assert all(p.stat().st_size == 0 for p in data.glob("wal-*.log")), "the snapshot must cover the whole log"
+    assert all(p.stat().st_size == SEGMENT_HEADER_BYTES for p in data.glob("wal-*.log")), \
+        "the snapshot must cover the whole log"
     with running_server(data, extra_args=SEED) as srv2:
         with MemoryClient(srv2.endpoint, timeout_ms=20_000) as c:
             ref, _ = _reference(s.sent)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -27,60 +28,61 @@ def _segments(d):
     return sorted(d.glob("wal-*.log"))
 
 
+def _write_records(path, n, size=50):
+    """n records in a new segment; returns the end offset of each."""
+    w = WalWriter(path, 1, create=True)
+    ends = []
+    for i in range(n):
+        w.append({"t": "r", "i": i}, [("a", np.full(size, i, np.float32))])
+        ends.append(w.size)
+    w.close()
+    return ends
+
+
 def test_wal_roundtrip(tmp_path):
-    w = WalWriter(tmp_path / "wal-00000001.log")
+    w = WalWriter(tmp_path / "wal-00000001.log", 1, create=True)
     a = np.arange(12, dtype=np.float32).reshape(3, 4)
     w.append({"t": "x", "n": 1}, [("a", a), ("b", np.array([True, False]))])
     w.append({"t": "y"}, [])
     w.sync()
     w.close()
-    recs = list(read_segment(tmp_path / "wal-00000001.log", allow_torn_tail=False))
-    assert [h["t"] for h, _ in recs] == ["x", "y"]
-    np.testing.assert_array_equal(recs[0][1]["a"], a)
-    np.testing.assert_array_equal(recs[0][1]["b"], [True, False])
+    recs = list(read_segment(tmp_path / "wal-00000001.log", last=False))
+    assert [h["t"] for _, h, _ in recs] == ["x", "y"]
+    np.testing.assert_array_equal(recs[0][2]["a"], a)
+    np.testing.assert_array_equal(recs[0][2]["b"], [True, False])
 
 
 @pytest.mark.parametrize("cut", [1, 7, 8, 100, -1])
 def test_torn_tail_is_truncated_and_earlier_records_kept(tmp_path, cut):
     path = tmp_path / "wal-00000001.log"
-    w = WalWriter(path)
-    for i in range(3):
-        w.append({"t": "r", "i": i}, [("a", np.full(50, i, np.float32))])
-    w.close()
-    size = path.stat().st_size
-    record = size // 3
+    ends = _write_records(path, 3)
     with open(path, "r+b") as f:
-        f.truncate(size - (record - cut if cut > 0 else 1))  # cut inside the last record
+        f.truncate(ends[1] + cut if cut > 0 else ends[2] - 1)  # cut inside the last record
     seen = []
     with pytest.raises(TornTail) as info:
-        for h, _ in read_segment(path, allow_torn_tail=True):
+        for _, h, _ in read_segment(path, last=True):
             seen.append(h["i"])
     assert seen == [0, 1]
-    assert path.stat().st_size == info.value.offset == 2 * record
+    assert path.stat().st_size == info.value.offset == ends[1]
 
 
 def test_corrupt_middle_record_is_not_a_torn_tail(tmp_path):
     path = tmp_path / "wal-00000001.log"
-    w = WalWriter(path)
-    for i in range(3):
-        w.append({"t": "r", "i": i}, [("a", np.full(50, i, np.float32))])
-    w.close()
+    ends = _write_records(path, 3)
     data = bytearray(path.read_bytes())
-    data[len(data) // 3 + 40] ^= 0xFF  # flip a byte inside record 1
+    data[ends[0] + 40] ^= 0xFF  # flip a byte inside record 1
     path.write_bytes(bytes(data))
     with pytest.raises(WalCorrupt, match="not a torn tail"):
-        list(read_segment(path, allow_torn_tail=True))
+        list(read_segment(path, last=True))
 
 
 def test_zeroed_tail_counts_as_torn(tmp_path):
     path = tmp_path / "wal-00000001.log"
-    w = WalWriter(path)
-    w.append({"t": "r"}, [])
-    w.close()
+    _write_records(path, 1)
     with open(path, "ab") as f:
         f.write(b"\0" * 4096)  # a file system that extended the file but lost the data
     with pytest.raises(TornTail):
-        list(read_segment(path, allow_torn_tail=True))
+        list(read_segment(path, last=True))
 
 
 def test_recovery_from_wal_only_is_exact_and_keeps_window(tmp_path):
@@ -143,7 +145,9 @@ def test_drop_survives_restart_and_files_go(tmp_path):
     back = _open(tmp_path)
     assert back.info()["memories"] == ["default"]
     snap = sorted(tmp_path.glob("snap-*"))[-1]
-    assert len([p for p in snap.iterdir() if p.name.startswith("mem-")]) == 1
+    manifest = json.loads((snap / "manifest.json").read_text())
+    assert [m["name"] for m in manifest["memories"]] == ["default"]  # the dropped memory's bytes are gone
+    assert (snap / "data.bin").stat().st_size == manifest["data_bytes"]
 
 
 def test_corrupt_log_in_the_middle_stops_recovery(tmp_path):

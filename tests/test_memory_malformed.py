@@ -73,7 +73,7 @@ CASES = {
     "array spec not a triple": ([header_bytes(v=1, op="get", id=42, arrays=[["slots", "int64"]]), b"\0" * 8],
                                 "bad_request", 42),
     "huge shape": ([header_bytes(v=1, op="get", id=42, arrays=[["slots", "int64", [2**40, 2**40]]]), b""],
-                   "bad_request", 42),
+                   "bad_shape", 42),
     "args not a map": (_req("query", [GOOD_Q], args=[1]), "bad_request", 42),
     "unknown arg": (_req("query", [GOOD_Q], args={"k": 1, "kk": 2}), "bad_request", 42),
     "unexpected array": (_req("query", [GOOD_Q, ("z", "uint8", [1], b"\0")], args={"k": 1}), "bad_request", 42),

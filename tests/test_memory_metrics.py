@@ -2,33 +2,20 @@
 
 from __future__ import annotations
 
-import re
-import urllib.request
-
 import numpy as np
 import pytest
-from memserver_helpers import SMALL, raw_request, running_server
+from memserver_helpers import SMALL, raw_request, running_server, scrape_metrics
 
 from memory_server.client import MemoryClient
 
 pytestmark = pytest.mark.integration
 
 
-def _scrape(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=20).read().decode()
-    out = {}
-    for line in text.splitlines():
-        m = re.match(r"^([a-z_]+(?:\{[^}]*\})?) ([0-9.e+-]+|NaN)$", line)
-        if m:
-            out[m.group(1)] = float(m.group(2))
-    return out
-
-
 def test_metrics_scrape_and_counters_increase(tmp_path):
     with running_server(tmp_path / "data", **SMALL, extra_args=["--metrics-port", "0"]) as srv:
         with MemoryClient(srv.endpoint, timeout_ms=20_000) as c:
             port = c.info()["metrics_port"]
-            before = _scrape(port)
+            before = scrape_metrics(port)
             rng = np.random.default_rng(0)
             c.ping()
             c.ping()
@@ -36,7 +23,7 @@ def test_metrics_scrape_and_counters_increase(tmp_path):
             c.query(rng.standard_normal((2, 16)), 4)
             raw_request(srv.endpoint, [b"\xc1"])
             c.snapshot()
-            after = _scrape(port)
+            after = scrape_metrics(port)
         assert srv.stop() == 0
     ok = 'memsrv_requests_handled_total{code="ok",op="ping"}'
     assert after[ok] - before.get(ok, 0) == 2

@@ -49,8 +49,10 @@ def test_decode_arrays_checks_frames_dtype_and_bytes():
         P.decode_arrays([["q", "float64", [1]]], [b"\0" * 8])
     with pytest.raises(P.BadRequest, match="needs 8 bytes, its frame has 4"):
         P.decode_arrays([["q", "float32", [1, 2]]], [b"\0" * 4])
-    with pytest.raises(P.BadRequest, match="shape"):
+    with pytest.raises(P.BadShape, match="shape"):
         P.decode_arrays([["q", "float32", [-1]]], [b""])
+    with pytest.raises(P.BadRequest, match="shape"):
+        P.decode_arrays([["q", "float32", [1.0]]], [b"\0" * 4])
     with pytest.raises(P.BadRequest, match="listed twice"):
         P.decode_arrays([["q", "uint8", [1]], ["q", "uint8", [1]]], [b"a", b"b"])
     with pytest.raises(P.BadRequest, match=r"\[name, dtype, shape\]"):
