@@ -1,6 +1,6 @@
 """The studio's operations on a checkpoint and a memory server, independent of HTTP.
 
-Lists, creates and fills memories (trainer/fewshot.py), frees slots, colorizes stored photos with a
+Lists, creates and fills memories (trainer/exemplars.py), frees slots, colorizes stored photos with a
 chosen memory (reporting the slot that answered and its similarity), and exports and imports packs
 (trainer/packs.py). Not thread-safe by design: the HTTP layer runs every call on one worker thread,
 so the model and the memory client (a ZeroMQ socket) are only ever used from that thread.
@@ -26,7 +26,7 @@ from memory_server.launcher import start_server
 from pccnet.color import AB_BINS, NUM_BINS, lab_to_rgb
 from studio.store import ExemplarRegistry, FileStore, png_bytes, thumbnail_png
 from studio.uploads import Limits, UploadError, decode_image, display_name
-from trainer.fewshot import ensure_memory, free_slots, memorize_images, pixel_item_id, written_slots
+from trainer.exemplars import ensure_memory, free_slots, memorize_images, pixel_item_id, written_slots
 from trainer.inference import Colorizer
 from trainer.packs import (
     Pack,

@@ -17,7 +17,7 @@ from launch import memory as memory_cli
 from launch.colorize import main as colorize_main
 from memory_server.client import MemoryClient
 from memory_server.launcher import start_server
-from trainer.fewshot import free_slots, memorize_images
+from trainer.exemplars import free_slots, memorize_images
 from trainer.packs import (
     UNKNOWN,
     Pack,
