@@ -37,7 +37,7 @@ def trained(tmp_path_factory):
 
 
 def _final_memory(run: Path) -> dict:
-    return dict(np.load(run / "checkpoints" / "step-0000007" / "memory.npz"))
+    return dict(np.load(run / "checkpoints" / "step-0000007" / "memory.npz", allow_pickle=False))
 
 
 @pytest.fixture(scope="module")
