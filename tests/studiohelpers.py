@@ -33,7 +33,7 @@ def tint_image(rgb: tuple[int, int, int], rng: np.random.Generator, size: tuple[
     return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
 
 
-def make_checkpoint(out_dir: Path, seed: int = 0, image_size: int = 32) -> Path:
+def make_checkpoint(out_dir: Path, seed: int = 0, image_size: int = 32, overrides: tuple[str, ...] = ()) -> Path:
     """A run folder with one checkpoint of debug-sized, untrained models (see the module docstring)."""
     from pccnet.color import NUM_BINS
     from pccnet.discriminator import PatchDiscriminator
@@ -44,7 +44,7 @@ def make_checkpoint(out_dir: Path, seed: int = 0, image_size: int = 32) -> Path:
     from trainer.models import build_generator
 
     cfg = load_config(REPO / "configs" / "debug_cpu.yaml",
-                      [f"run.out_dir={out_dir}", f"data.image_size={image_size}", "memory.capacity=32"])
+                      [f"run.out_dir={out_dir}", f"data.image_size={image_size}", "memory.capacity=32", *overrides])
     torch.manual_seed(seed)
     gen = build_generator(cfg.model.generator, cfg.model.sampler)
     with torch.no_grad():

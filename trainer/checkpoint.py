@@ -204,7 +204,8 @@ def save_checkpoint(out_dir: str | Path, step: int, cfg: TrainConfig, models: di
 def save_weights(state: dict[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """A state dict as a safetensors file (CPU copies: safetensors refuses shared or strided storage)."""
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
-    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+    # Bytes written by us (save_file creates 0600 files; a bundle is meant to be shared).
+    Path(path).write_bytes(safetensors.torch.save(tensors, metadata=metadata))
 
 
 def load_weights(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Tensor]:
@@ -288,7 +289,8 @@ def load_bundle(path: Path, map_location: str | torch.device = "cpu") -> dict[st
         if not (path / name).is_file():
             raise CheckpointError(f"bundle {path} lacks {name}")
     for name, digest in dict(info.get("sha256", {})).items():
-        if "/" in name or name.startswith(".") or not (path / name).is_file():
+        parts = Path(name).parts
+        if Path(name).is_absolute() or ".." in parts or not parts or not (path / name).is_file():
             raise CheckpointError(f"bundle {path}: {BUNDLE_FILE} names a file {name!r} that it lacks")
         if file_sha256(path / name) != digest:
             raise CheckpointError(f"bundle {path}: {name} does not match its sha256 in {BUNDLE_FILE} (damaged or "
