@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -94,7 +95,9 @@ def export_onnx(generator: nn.Module, extractor: nn.Module, image_size: int, fol
             path = folder / name
             module.eval()
             # The exporter prints its progress on stdout; a tool's output stays its own.
-            with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+            with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # the exporter's own deprecations
+                warnings.filterwarnings("ignore", message=r".*axis name.*will not be used")
                 torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs,
                                   dynamic_shapes=shapes, opset_version=OPSET, dynamo=True, external_data=False)
             paths.append(path)
