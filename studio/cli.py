@@ -4,7 +4,8 @@
 
 Without --memory it starts an embedded memory server holding the checkpoint's trained memory (in a
 temporary folder unless --data-dir keeps it) and stops it on exit. When it serves, it prints one line
-`READY http://HOST:PORT/` on stdout (flushed); SIGTERM or Ctrl-C stops it cleanly.
+`READY http://HOST:PORT/` on stdout (flushed); SIGTERM or Ctrl-C stops it cleanly, however often they come
+(open requests get GRACEFUL_S seconds; the embedded server, in its own session, is stopped once).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import signal
 import socket
 import sys
+import threading
 import time
 
 import uvicorn
@@ -22,6 +24,7 @@ import uvicorn
 from studio.uploads import Limits
 
 log = logging.getLogger("studio")
+GRACEFUL_S = 15  # open requests get this long after SIGTERM/SIGINT; then they are cut
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,6 +65,22 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+class _Stop:
+    """SIGTERM/SIGINT from the very start: recorded, never fatal, so every path goes through the clean-up.
+
+    While uvicorn serves, its own handlers take over (and call ours again after, which only records);
+    a signal during loading makes main() close what it started and exit 0 instead of serving.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self)
+
+    def __call__(self, signum: int, _frame: object) -> None:
+        self.requested = True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if not 0 <= args.port <= 65535:
@@ -81,9 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     t0 = time.perf_counter()
+    stop = _Stop() if threading.current_thread() is threading.main_thread() else None
     from PIL import Image
 
     from memory_server.client import MemoryServerError, MemoryUnavailable
+    from memory_server.launcher import ServerStartError
     from studio.app import create_app
     from studio.service import Studio
     from trainer.checkpoint import CheckpointError
@@ -95,8 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         studio = Studio(args.checkpoint, memory=args.memory, data_dir=args.data_dir, device=args.device,
                         capacity=args.capacity, limits=limits)
-    except (CheckpointError, ValueError, FileNotFoundError, MemoryServerError, MemoryUnavailable) as e:
+    except (CheckpointError, ValueError, FileNotFoundError, MemoryServerError, MemoryUnavailable,
+            ServerStartError) as e:
         sock.close()
+        if stop is not None and stop.requested:
+            return 0  # stopped while loading (a group signal may have reached the memory server too)
         print(f"error: {e}", file=sys.stderr)
         return 2
     port = sock.getsockname()[1]
@@ -104,14 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     url = f"http://{shown}:{port}/"
     hosts = ["127.0.0.1", "localhost", "[::1]", "::1", args.host] if _is_loopback(args.host) else None
     # uvicorn catches SIGTERM/SIGINT while it serves and raises them again to the handlers found at
-    # start: no-ops here, so the process goes on to the clean-up below and exits 0.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)
+    # start: _Stop's, which only record, so the process goes on to the clean-up below and exits 0.
     try:
-        app = create_app(studio, hosts=hosts)
-        config = uvicorn.Config(app, log_level=args.log_level.lower(), lifespan="on", access_log=False)
-        server = _Server(config, url, time.perf_counter() - t0)
-        server.run(sockets=[sock])
+        if stop is None or not stop.requested:
+            app = create_app(studio, hosts=hosts)
+            config = uvicorn.Config(app, log_level=args.log_level.lower(), lifespan="on", access_log=False,
+                                    timeout_graceful_shutdown=GRACEFUL_S)
+            server = _Server(config, url, time.perf_counter() - t0, stop)
+            server.run(sockets=[sock])
     finally:
         studio.close()  # stops the embedded memory server (it snapshots and exits) and removes temporary files
         sock.close()
@@ -121,12 +145,21 @@ def main(argv: list[str] | None = None) -> int:
 class _Server(uvicorn.Server):
     """uvicorn.Server that prints READY once it accepts connections (uvicorn handles SIGTERM and SIGINT)."""
 
-    def __init__(self, config: uvicorn.Config, url: str, load_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, url: str, load_s: float, stop: _Stop | None = None) -> None:
         super().__init__(config)
-        self.url, self.load_s = url, load_s
+        self.url, self.load_s, self.stop = url, load_s, stop
+
+    def handle_exit(self, sig: int, frame: object) -> None:
+        # Once stopping, a repeated signal changes nothing (uvicorn would force the exit on a second SIGINT,
+        # cancelling the shutdown halfway); timeout_graceful_shutdown bounds how long stopping takes.
+        if not self.should_exit:
+            super().handle_exit(sig, frame)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
+        if self.stop is not None and self.stop.requested:  # signalled before uvicorn's handlers were in place
+            self.should_exit = True
+            return
         if self.started:
             log.info("studio loaded in %.1f s", self.load_s)
             print(f"READY {self.url}", flush=True)

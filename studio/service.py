@@ -86,8 +86,10 @@ class Studio:
             if memory is None:
                 store = Path(data_dir) if data_dir else self.work / "memory"
                 store.mkdir(parents=True, exist_ok=True)
+                # Its own session: a signal to the studio's group reaches the studio only, which then stops
+                # the server once (close()), instead of both racing to shut it down.
                 self.server = start_server(store, durability="always" if data_dir else "none",
-                                           log_path=self.work / "memory-server.log")
+                                           log_path=self.work / "memory-server.log", own_session=True)
                 memory = self.server.endpoint
             self.endpoint = memory
             with MemoryClient(memory, timeout_ms=3000, retries=1) as probe:  # fail fast on a wrong address
@@ -332,13 +334,19 @@ class Studio:
         return {**done, "warnings": [str(w.message) for w in caught]}
 
     def close(self) -> None:
-        """Close the client, stop the embedded server (SIGTERM: it snapshots and exits), remove the work folder."""
-        if self.client is not None:
-            self.client.close()
-            self.client = None
-        if self.server is not None:
-            code = self.server.stop()
+        """Close the client, stop the embedded server (SIGTERM: it snapshots and exits), remove the work folder.
+
+        Idempotent: a second call (a second signal, a `finally` after an error) does nothing more.
+        """
+        client, self.client = getattr(self, "client", None), None
+        server, self.server = getattr(self, "server", None), None
+        if client is not None:
+            try:
+                client.close()
+            except Exception:  # cleanup goes on to the server and the files
+                log.exception("closing the memory client")
+        if server is not None:
+            code = server.stop()
             if code != 0:
-                log.warning("embedded memory server exited with code %s; log %s", code, self.server.log_path)
-            self.server = None
+                log.warning("embedded memory server exited with code %s; log %s", code, server.log_path)
         shutil.rmtree(self.work, ignore_errors=True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import os
+import signal
 import struct
 import time
 import urllib.error
@@ -17,6 +19,7 @@ import urllib.request
 import uuid
 import zipfile
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -337,3 +340,31 @@ def test_sigterm_stops_the_studio_and_leaves_an_external_server_running(setup):
     assert server.poll() is None
     with MemoryClient(server.endpoint, timeout_ms=10000) as c:
         assert "warm" in c.info()["memories"]
+
+
+def _children(pid: int) -> set[int]:
+    out: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out.update(int(c) for c in (task / "children").read_text().split())
+    return out
+
+
+@pytest.mark.integration
+def test_repeated_signals_during_shutdown_stop_the_studio_and_its_server_once(tmp_path):
+    """SIGTERM twice and SIGINT to the studio's process group: exit 0, its embedded server stopped cleanly
+    (the group's signals never reach it: the studio stops it, once), its memories kept in --data-dir."""
+    ckpt = make_checkpoint(tmp_path / "run")
+    studio = StudioProcess("--checkpoint", str(ckpt), "--data-dir", str(tmp_path / "data"), log=tmp_path / "s.log")
+    try:
+        assert _json(studio.url + "api/memories", "POST", {"name": "kept"})[0] == 200
+        [server_pid] = _children(studio.proc.pid)
+        for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGINT):
+            os.killpg(studio.proc.pid, sig)
+        assert studio.proc.wait(120) == 0, studio.stderr()[-3000:]
+    finally:
+        studio.stop()
+    assert "exited with code" not in studio.stderr() and "Traceback" not in studio.stderr()
+    with pytest.raises(ProcessLookupError):
+        os.kill(server_pid, 0)  # stopped and reaped by the studio
+    with start_server(tmp_path / "data") as server, MemoryClient(server.endpoint) as c:
+        assert "kept" in c.info()["memories"]
