@@ -22,7 +22,7 @@ from launch.common import report_errors, user_errors
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint folder or a run's out_dir (latest)")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint folder, a run's out_dir (latest) or an exported model")
     parser.add_argument("--input", nargs="+", required=True, help="images, folders or globs")
     parser.add_argument("--output", required=True, help="folder for the colour PNGs")
     parser.add_argument("--memory", help="endpoint of a running memory server, or a memory pack file (served by "

@@ -30,7 +30,7 @@ GRACEFUL_S = 15  # open requests get this long after SIGTERM/SIGINT; then they a
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pccnet-studio", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint folder or a run's out_dir (latest)")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint folder, a run's out_dir (latest) or an exported model")
     parser.add_argument("--memory", help="endpoint of a running memory server (default: an embedded one)")
     parser.add_argument("--data-dir", help="keep the embedded server's memories (and exemplar thumbnails) here")
     parser.add_argument("--host", default="127.0.0.1",

@@ -187,7 +187,8 @@ class Colorizer:
     @classmethod
     def from_pretrained(cls, path: str | Path, memory: str | None = None, memory_name: str | None = None,
                         device: str | None = None) -> Colorizer:
-        """A checkpoint (or a run's folder) ready to colorize; close() it, or use it in a `with`.
+        """A checkpoint, a run's folder (its latest) or an exported bundle, ready to colorize; close() it, or
+        use it in a `with`.
 
         memory: None for the checkpoint's own memory (served by an embedded server), "tcp://HOST:PORT"
         (or ipc://) for a running server (memory_name picks the memory there), or a pack file's path
