@@ -1,12 +1,12 @@
 """Inference bundles (launch/export.py, trainer/bundle.py): what is written, that nothing in it is a pickle,
 that every tool taking --checkpoint takes a bundle and gets the same answers as from the checkpoint, the
 model card's measured metrics, and refusals (damage, resume, an occupied output). Real embedded memory
-server processes, a real studio process; the checkpoint is studiohelpers' tiny untrained one."""
+server processes; the checkpoint is studiohelpers' tiny untrained one. The studio on a bundle:
+tests/test_studio.py (test_repeated_signals_...)."""
 
 from __future__ import annotations
 
 import json
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,6 @@ from launch.export import main as export_main
 from launch.memory import main as memory_main
 from memory_server.client import MemoryClient
 from memory_server.launcher import start_server
-from studio.launcher import StudioProcess
 from trainer.checkpoint import CheckpointError, describe_path, find_resume, load_for_inference
 from trainer.evaluation import evaluate_checkpoint
 from trainer.inference import Colorizer, colorize_command, memorize_command
@@ -112,20 +111,6 @@ def test_colorize_memorize_and_packs_take_a_bundle(made, tmp_path, capsys):
     finally:
         server.stop()
     capsys.readouterr()
-
-
-def test_the_studio_takes_a_bundle(made, tmp_path):
-    studio = StudioProcess("--checkpoint", str(made["model"]), log=tmp_path / "studio.log")
-    try:
-        with urllib.request.urlopen(studio.url + "api/status", timeout=60) as r:
-            status = json.loads(r.read())
-        with urllib.request.urlopen(studio.url + "api/memories", timeout=60) as r:
-            memories = json.loads(r.read())
-    finally:
-        assert studio.stop() == 0
-    assert status["checkpoint"] == str(made["model"])
-    assert status["identity"] == checkpoint_identity(made["run"])[0]
-    assert {m["name"]: m["written"] for m in memories["memories"]}.get("default") == 8
 
 
 def test_refusals(made, tmp_path):

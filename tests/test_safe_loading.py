@@ -5,6 +5,7 @@ sha256-checked weight files (pccnet/weights.py, pccnet/metrics.py). Read from th
 from __future__ import annotations
 
 import ast
+from functools import cache
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,6 +34,7 @@ def _keyword(call: ast.Call, name: str):
     return None
 
 
+@cache
 def _calls() -> list[tuple[str, int, str, ast.Call]]:
     found = []
     for tree in TREES:

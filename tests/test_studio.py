@@ -351,11 +351,21 @@ def _children(pid: int) -> set[int]:
 
 @pytest.mark.integration
 def test_repeated_signals_during_shutdown_stop_the_studio_and_its_server_once(tmp_path):
-    """SIGTERM twice and SIGINT to the studio's process group: exit 0, its embedded server stopped cleanly
-    (the group's signals never reach it: the studio stops it, once), its memories kept in --data-dir."""
+    """On an exported bundle (launch/export.py): its trained memory is served, then SIGTERM twice and SIGINT
+    to the studio's process group: exit 0, its embedded server stopped cleanly (the group's signals never
+    reach it: the studio stops it, once), its memories kept in --data-dir."""
+    from launch.export import main as export_main
+
     ckpt = make_checkpoint(tmp_path / "run")
-    studio = StudioProcess("--checkpoint", str(ckpt), "--data-dir", str(tmp_path / "data"), log=tmp_path / "s.log")
+    assert export_main(["--checkpoint", str(ckpt), "--output", str(tmp_path / "model")]) == 0
+    studio = StudioProcess("--checkpoint", str(tmp_path / "model"), "--data-dir", str(tmp_path / "data"),
+                           log=tmp_path / "s.log")
     try:
+        status = _json(studio.url + "api/status")[1]
+        assert status["checkpoint"] == str(tmp_path / "model")
+        assert status["identity"] == checkpoint_identity(ckpt)[0]
+        memories = _json(studio.url + "api/memories")[1]["memories"]
+        assert {m["name"]: m["written"] for m in memories} == {"default": 8}  # the bundle's memory.pack
         assert _json(studio.url + "api/memories", "POST", {"name": "kept"})[0] == 200
         [server_pid] = _children(studio.proc.pid)
         for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGINT):
@@ -367,4 +377,4 @@ def test_repeated_signals_during_shutdown_stop_the_studio_and_its_server_once(tm
     with pytest.raises(ProcessLookupError):
         os.kill(server_pid, 0)  # stopped and reaped by the studio
     with start_server(tmp_path / "data") as server, MemoryClient(server.endpoint) as c:
-        assert "kept" in c.info()["memories"]
+        assert sorted(c.info()["memories"]) == ["default", "kept"]
