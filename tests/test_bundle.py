@@ -69,6 +69,19 @@ def test_the_model_card_reports_the_measured_metrics(made, tmp_path):
     assert "`eval_retrieval.json`: 8 images" in card and "not the exported step" not in card
     assert f"| KL(retrieved, own), mean / median (nats) | {m['retrieval_kl']:.3f} / {m['retrieval_kl_median']:.3f} |" \
         in card
+    # The run's own record: run_summary.json and the last validation retrieval accuracy in stats.jsonl.
+    run = made["run"]
+    (run / "run_summary.json").write_text(json.dumps({"step": 1, "world_size": 2, "resumed_from": None,
+                                                      "last": {"phase": 2, "loss/g": 4.25, "loss/d": 0.5}}))
+    (run / "stats.jsonl").write_text(json.dumps({"step": 1, "val/retrieval_acc": 0.375}) + "\n"
+                                     + json.dumps({"step": 1, "loss/g": 4.25}) + "\n")
+    assert export_main(["--checkpoint", str(run), "--output", str(tmp_path / "again")]) == 0
+    again = (tmp_path / "again" / "README.md").read_text()
+    assert "ended at step 1 on 2 process(es); last logged training losses (phase 2): loss/g 4.25, loss/d 0.5" \
+        in again
+    assert "at step 1: 0.375 (`stats.jsonl`)" in again
+    (run / "run_summary.json").unlink()
+    (run / "stats.jsonl").unlink()
     # Without any eval*.json the card says so instead.
     bare = make_checkpoint(tmp_path / "bare")
     assert export_main(["--checkpoint", str(bare), "--output", str(tmp_path / "bare-model")]) == 0

@@ -94,7 +94,7 @@ def export_bundle(checkpoint: str | Path, output: str | Path, onnx: bool = False
             "meta": {k: v for k, v in state["meta"].items() if k in ("phase", "phase1_steps", "phase2_steps",
                                                                      "world_size")},
         }
-        (tmp / "README.md").write_text(model_card(cfg, info, written, measured, out.name))
+        (tmp / "README.md").write_text(model_card(cfg, info, written, measured, out.name, run_summary(source)))
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
         # Every file but the card (people edit cards) is checked on load.
         info["sha256"] = {name: file_sha256(tmp / name) for name in files if name != "README.md"}
@@ -133,6 +133,40 @@ def find_measurements(checkpoint: Path) -> list[tuple[str, dict]]:
     return found
 
 
+def run_summary(checkpoint: Path) -> list[str]:
+    """Card lines from the run folder: run_summary.json (steps, processes, last logged training losses) and
+    the last validation retrieval accuracy in stats.jsonl; none when the checkpoint is not in a run folder."""
+    if checkpoint.parent.name != "checkpoints":
+        return []
+    run, lines = checkpoint.parent.parent, []
+    try:
+        summary = json.loads((run / "run_summary.json").read_text())
+    except (OSError, ValueError):
+        summary = None
+    if isinstance(summary, dict):
+        last = summary.get("last") or {}
+        losses = ", ".join(f"{k} {last[k]:.4g}" for k in ("loss/m", "loss/g", "loss/d", "loss/pc", "loss/ic")
+                           if isinstance(last.get(k), (int, float)))
+        lines.append(f"- run (`run_summary.json`): ended at step {summary.get('step', '?')} on "
+                     f"{summary.get('world_size', '?')} process(es)"
+                     + (f", resumed from `{summary['resumed_from']}`" if summary.get("resumed_from") else "")
+                     + (f"; last logged training losses (phase {last.get('phase', '?')}): {losses}" if losses else ""))
+    val = None
+    try:
+        with open(run / "stats.jsonl") as f:
+            for line in f:
+                row = json.loads(line)
+                if isinstance(row, dict) and isinstance(row.get("val/retrieval_acc"), (int, float)):
+                    val = row
+    except (OSError, ValueError):
+        pass
+    if val is not None:
+        lines.append(f"- validation retrieval accuracy (share of `data.val` images whose retrieved colour "
+                     f"distribution is within phase1.threshold of their own) at step {val.get('step', '?')}: "
+                     f"{val['val/retrieval_acc']:.3f} (`stats.jsonl`)")
+    return lines
+
+
 def _training_images(cfg: TrainConfig) -> str:
     """'N images in K shards' from the shard manifests where they are at hand, else the shard count or nothing."""
     from trainer.data import DataError, expand_pattern
@@ -152,7 +186,7 @@ def _training_images(cfg: TrainConfig) -> str:
 
 
 def model_card(cfg: TrainConfig, info: dict[str, Any], written: int | None,
-               measured: list[tuple[str, dict]], name: str) -> str:
+               measured: list[tuple[str, dict]], name: str, run_lines: list[str] = ()) -> str:
     """The bundle's README.md."""
     from trainer.evaluation import markdown_table, retrieval_table
 
@@ -192,6 +226,7 @@ def model_card(cfg: TrainConfig, info: dict[str, Any], written: int | None,
                      f"(memory.pack)")
     elif not info["use_memory"]:
         lines.append("- memory: none (trained without one: every photo gets the uniform colour feature)")
+    lines += list(run_lines)
     lines += ["", "## Measured", ""]
     if not measured:
         lines += ["Not measured: no `eval*.json` (launch/evaluate.py) was found next to the checkpoint or in its "
