@@ -290,6 +290,9 @@ class Runner:
             summary = dict(result, ranks=ranks, ddp_max_param_diff=diff, world_size=self.world,
                            start_step=self.start_step, resumed_from=str(self.resume_from) if self.resume_from else None)
             (self.out_dir / "run_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
+        # No rank tears its process group down while another is still inside the collectives above (a rank
+        # 1 once aborted with "terminate called without an active exception" on a resume with no steps).
+        self.acc.wait_for_everyone()
 
     def save(self, done: int) -> None:
         """Checkpoint at global step `done`: all ranks' updates for it have landed (barrier) and the ranks
