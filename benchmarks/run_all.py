@@ -1,6 +1,6 @@
 """`make bench`: every benchmark in turn, each printing its own table (pass --quick for a short run).
 
-    python benchmarks/run_all.py [--quick] [--only model_step,data_pipeline,memory_server,trainer]
+    python benchmarks/run_all.py [--quick] [--only model_step,data_pipeline,memory_server,trainer,onnx_serving]
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("model_step", "data_pipeline", "memory_server", "trainer")
+BENCHMARKS = ("model_step", "data_pipeline", "memory_server", "trainer", "onnx_serving")
 
 
 def main(argv: list[str] | None = None) -> int:

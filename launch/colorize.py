@@ -3,9 +3,13 @@
     python launch/colorize.py --checkpoint runs/x --input photos/ 'more/*.jpg' --output out/
     python launch/colorize.py --checkpoint runs/x --input gray/ --output out/ \
         --memory tcp://127.0.0.1:5555 --memory-name flowers          # or: pccnet-colorize ...
+    python launch/colorize.py --checkpoint runs/x --input gray/ --output out/ --memory flowers.pack
 
-Outputs are PNGs at each input's own resolution. Without --memory the checkpoint's own memory is
-served by a temporary embedded server; with it, the named memory on that running server is used.
+Outputs are PNGs at each input's own resolution, the input tree mirrored below --output, with a
+manifest.csv (input, output, memory, slot, similarity); outputs already there are skipped unless
+--overwrite. Without --memory the checkpoint's own memory is
+served by a temporary embedded server; with it, the named memory on that running server is used, or a
+pack file (pccnet-memory pack export) served by an embedded server after its extractor identity is checked.
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ from launch.common import report_errors, user_errors
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint folder or a run's out_dir (latest)")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint folder, a run's out_dir (latest) or an exported model")
     parser.add_argument("--input", nargs="+", required=True, help="images, folders or globs")
     parser.add_argument("--output", required=True, help="folder for the colour PNGs")
-    parser.add_argument("--memory", help="endpoint of a running memory server (default: the checkpoint's memory)")
+    parser.add_argument("--memory", help="endpoint of a running memory server, or a memory pack file (served by "
+                        "an embedded server; default: the checkpoint's own memory)")
     parser.add_argument("--memory-name", help="memory on that server (default: the checkpoint's, usually 'default')")
+    parser.add_argument("--overwrite", action="store_true", help="redo outputs that exist (default: skip them)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     args = parser.parse_args(argv)
@@ -34,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.inference import colorize_command
 
     return report_errors(lambda: colorize_command(args.checkpoint, args.input, args.output, args.memory,
-                                                  args.memory_name, args.batch_size, args.device), user_errors())
+                                                  args.memory_name, args.batch_size, args.device,
+                                                  args.overwrite), user_errors())
 
 
 if __name__ == "__main__":

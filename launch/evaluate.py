@@ -19,7 +19,7 @@ from launch.common import report_errors, user_errors
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint folder or a run's out_dir (latest)")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint folder, a run's out_dir (latest) or an exported model")
     parser.add_argument("--data", required=True, help="shard pattern of the test split")
     parser.add_argument("--output", required=True, help="JSON file to write")
     parser.add_argument("--memory", help="endpoint of a running memory server (default: the checkpoint's memory)")

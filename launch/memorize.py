@@ -18,7 +18,7 @@ from launch.common import report_errors, user_errors
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint folder or a run's out_dir (latest)")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint folder, a run's out_dir (latest) or an exported model")
     parser.add_argument("--memory", required=True, help="endpoint of a running memory server")
     parser.add_argument("--name", required=True, help="memory to create or extend on that server")
     parser.add_argument("--input", nargs="+", required=True, help="colour images, folders or globs")

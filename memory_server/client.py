@@ -39,10 +39,10 @@ from .protocol import (
     encode_frames,
     error_from_code,
     id_problem,
-    valid_request_id,
     request_header,
     short_repr,
     unpack_header,
+    valid_request_id,
     wire_array,
 )
 

@@ -122,10 +122,13 @@ def _terminate_with_parent() -> None:
 def start_server(data_dir: str | Path | None, bind: str = "tcp://127.0.0.1:0", capacity: int | None = None,
                  key_dim: int | None = None, value_dim: int | None = None, durability: str = "always",
                  extra_args: Sequence[str] = (), timeout_s: float = 60.0,
-                 log_path: str | Path | None = None, die_with_parent: bool = True) -> ServerProcess:
+                 log_path: str | Path | None = None, die_with_parent: bool = True,
+                 own_session: bool = False) -> ServerProcess:
     """Spawn a server and return once it prints READY; ServerStartError (with its log tail) otherwise.
 
-    With die_with_parent (Linux), the server gets SIGTERM when the thread that started it dies.
+    With die_with_parent (Linux), the server gets SIGTERM when the thread that started it dies. With
+    own_session, signals sent to the caller's process group (Ctrl-C in a terminal, a supervisor's
+    group kill) do not reach it: only the caller's stop() ends it.
     """
     argv = server_command(data_dir, bind, capacity, key_dim, value_dim, durability, extra_args)
     if log_path is None:
@@ -138,7 +141,8 @@ def start_server(data_dir: str | Path | None, bind: str = "tcp://127.0.0.1:0", c
     env["PYTHONUNBUFFERED"] = "1"
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log_file, stdin=subprocess.DEVNULL,
-                                env=env, preexec_fn=_terminate_with_parent if die_with_parent else None)
+                                env=env, preexec_fn=_terminate_with_parent if die_with_parent else None,
+                                start_new_session=own_session)
     deadline = time.monotonic() + timeout_s
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)

@@ -23,6 +23,8 @@ _XYZ_FROM_RGB = (
     (0.019334, 0.119193, 0.950227),
 )
 _WHITE_D65 = (0.95047, 1.0, 1.08883)
+# Its inverse, computed once in float64 (a constant, so exported graphs (ONNX) need no matrix inverse).
+_RGB_FROM_XYZ = torch.linalg.inv(torch.tensor(_XYZ_FROM_RGB, dtype=torch.float64))
 _LAB_EPS = 0.008856  # (6/29)^3, skimage's rounding
 _LAB_KAPPA = 7.787
 _LAB_DELTA = 16.0 / 116.0
@@ -107,7 +109,7 @@ def lab_to_rgb(lab: Tensor) -> Tensor:
     thresh = 0.2068966  # cube root of _LAB_EPS, skimage's constant
     xyz = torch.where(f > thresh, f.clamp(min=thresh) ** 3, (f - _LAB_DELTA) / _LAB_KAPPA)
     xyz = xyz * _matrix(_WHITE_D65, x).view(1, 3, 1, 1)
-    rgb_from_xyz = torch.linalg.inv(_matrix(_XYZ_FROM_RGB, x).double()).to(x.dtype)
+    rgb_from_xyz = _RGB_FROM_XYZ.to(x.device, x.dtype)
     linear = _apply_3x3(rgb_from_xyz, xyz)
     rgb = torch.where(
         linear > 0.0031308,

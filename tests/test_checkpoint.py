@@ -28,6 +28,7 @@ from trainer.checkpoint import (
     restore_training,
     rng_state,
     save_checkpoint,
+    set_rng_state,
 )
 from trainer.config import load_config
 from trainer.loop import lr_decay
@@ -47,8 +48,9 @@ def test_save_is_complete_and_readable(tmp_path):
               "ages": np.arange(3, dtype=np.float32), "item_ids": np.array([-1, 5, 7]), "version": 9}
     path = write(tmp_path, 12, memory=memory)
     assert path.name == "step-0000012"
-    assert sorted(p.name for p in path.iterdir()) == ["config.yaml", "memory.npz", "meta.json", "models.pt",
-                                                      "optim.pt", "rng.pt"]
+    assert sorted(p.name for p in path.iterdir()) == ["config.yaml", "discriminator.safetensors",
+                                                      "extractor.safetensors", "generator.safetensors",
+                                                      "memory.npz", "meta.json", "optim.pt", "rng.pt"]
     state = load_checkpoint(tmp_path)  # the run dir: its latest checkpoint
     assert state["path"] == path and state["meta"]["step"] == 12 and state["meta"]["phase"] == 1
     assert state["config"] == CFG and state["optim"] == {"opt": {"step": 12}} and len(state["rng"]) == 1
@@ -81,19 +83,57 @@ def test_torn_checkpoints_are_ignored_and_cleared(tmp_path):
     (root / f".tmp-step-0000009-{os.getpid() + 1}").mkdir()
     torn = root / "step-0000008"
     torn.mkdir()
-    (torn / "models.pt").write_bytes(b"partial")
+    (torn / "generator.safetensors").write_bytes(b"partial")
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000003"]
     assert find_resume(tmp_path, "auto").name == "step-0000003"
     write(tmp_path, 4)
     assert not list(root.glob(".tmp-*"))  # leftovers of killed writes are cleared by the next save
 
 
-def test_a_truncated_file_is_a_checkpoint_error(tmp_path):
+@pytest.mark.parametrize("name", ["generator.safetensors", "optim.pt", "rng.pt"])
+def test_a_truncated_file_is_a_checkpoint_error(tmp_path, name):
     path = write(tmp_path, 2)
-    data = (path / "models.pt").read_bytes()
-    (path / "models.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*step-0000002"):
+    data = (path / name).read_bytes()
+    (path / name).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"cannot read .*step-0000002"):
         load_checkpoint(path)
+
+
+class _Boom:
+    """Any class a pickle names: torch.save writes it, and a weights-only load must refuse it."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_nothing_but_tensors_and_numbers_is_unpickled(tmp_path):
+    path = write(tmp_path, 2)
+    # The weights are safetensors files (no pickle at all); optim.pt and rng.pt are read weights-only.
+    with open(path / "generator.safetensors", "rb") as f:
+        header = f.read(8 + int.from_bytes(f.read(8), "little"))
+    assert b'"w"' in header and b"pickle" not in header
+    torch.save({"opt": _Boom()}, path / "optim.pt")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_checkpoint(path)
+    assert load_checkpoint(path, training=False)["models"]["generator"]["w"].tolist() == [2.0, 2.0]
+
+
+def test_the_rng_state_is_plain_and_round_trips(tmp_path):
+    import random
+
+    random.seed(5)
+    np.random.seed(6)
+    torch.manual_seed(7)
+    np.random.standard_normal()  # numpy keeps a cached Gaussian: part of the state
+    path = save_checkpoint(tmp_path, 1, CFG, {}, {}, [rng_state()], None, {})
+    want = (random.random(), np.random.standard_normal(), torch.rand(1).item())
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    loaded = load_checkpoint(path)["rng"][0]
+    assert torch.load(path / "rng.pt", weights_only=True)  # plain: no allow-list needed
+    set_rng_state(loaded)
+    assert (random.random(), np.random.standard_normal(), torch.rand(1).item()) == want
 
 
 def test_find_resume(tmp_path):
@@ -101,7 +141,7 @@ def test_find_resume(tmp_path):
     assert find_resume(tmp_path, None) is None
     with pytest.raises(CheckpointError, match="does not exist"):
         find_resume(tmp_path, str(tmp_path / "nope"))
-    with pytest.raises(CheckpointError, match="neither a checkpoint folder nor a run directory"):
+    with pytest.raises(CheckpointError, match="neither a checkpoint folder, a run directory"):
         find_resume(tmp_path, str(tmp_path))
     path = write(tmp_path, 5)
     assert find_resume(tmp_path, "auto") == path == find_resume(tmp_path, str(path))

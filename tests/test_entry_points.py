@@ -37,7 +37,7 @@ def trained(tmp_path_factory):
 
 
 def _final_memory(run: Path) -> dict:
-    return dict(np.load(run / "checkpoints" / "step-0000007" / "memory.npz"))
+    return dict(np.load(run / "checkpoints" / "step-0000007" / "memory.npz", allow_pickle=False))
 
 
 @pytest.fixture(scope="module")
@@ -80,14 +80,14 @@ def test_colorize_keeps_resolution_and_lightness(trained, photos, tmp_path):
                    "--output", str(out), "--batch-size", "2"])
     assert res.returncode == 0, res.stdout[-3000:]
     assert "colorized 3 of 3" in res.stdout
-    for name, size in (("colour.png", (45, 37)), ("alpha.png", (40, 40)), ("gray.png", (30, 50))):
+    for name, size in (("colour.png", (45, 37)), ("sub/alpha.png", (40, 40)), ("gray.png", (30, 50))):  # tree mirrored
         img = Image.open(out / name)
         assert img.mode == "RGB" and img.size == size
     # The output's L channel is the input's own full-resolution L (up to uint8 rounding and gamut clipping).
     diff = (_lightness(out / "gray.png") - _lightness(photos / "gray.png")).abs()
     assert float(diff.median()) < 1.0
     # The transparent half of the RGBA input was composited onto white, as in training.
-    assert float(_lightness(out / "alpha.png")[:20].mean()) > 95
+    assert float(_lightness(out / "sub" / "alpha.png")[:20].mean()) > 95
 
 
 def test_colorize_errors_are_clear(trained, photos, tmp_path, capsys):

@@ -13,6 +13,7 @@ import pytest
 import torch
 from trainhelpers import write_tiny_shards
 
+from trainer.checkpoint import load_checkpoint
 from trainer.config import load_config
 from trainer.loop import run
 
@@ -38,11 +39,11 @@ def test_phase2_weights_do_not_depend_on_the_phase1_memory(tmp_path, caplog):
             _train(p1, shards, "phase1.steps=4", f"phase1.threshold={threshold}", "phase2.steps=0",
                    "run.checkpoint_every=4")
         collapsed.append(any("memory collapsed" in r.getMessage() for r in caplog.records))
-        memories.append(np.load(p1 / "checkpoints" / "step-0000004" / "memory.npz"))
+        memories.append(np.load(p1 / "checkpoints" / "step-0000004" / "memory.npz", allow_pickle=False))
         out = tmp_path / f"p2-{threshold}"
         _train(out, shards, "phase1.steps=4", "phase2.steps=3", "run.checkpoint_every=100",
                resume=str(p1 / "checkpoints" / "step-0000004"))
-        models.append(torch.load(out / "checkpoints" / "step-0000007" / "models.pt", weights_only=True))
+        models.append(load_checkpoint(out / "checkpoints" / "step-0000007")["models"])
     # threshold 0.1: all 4 x 2 rows missed and were written; 100: all hit, nothing was written (and said so).
     assert [int((m["item_ids"] >= 0).sum()) for m in memories] == [8, 0]
     assert collapsed == [False, True]

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from trainhelpers import (
     PYTHON,
     env,
@@ -26,6 +25,7 @@ from trainhelpers import (
 
 from memory_server.client import MemoryClient
 from memory_server.launcher import start_server
+from trainer.checkpoint import load_checkpoint
 
 pytestmark = [pytest.mark.integration, pytest.mark.ddp]
 
@@ -55,7 +55,7 @@ def test_two_process_run_of_both_phases(tmp_path, shards):
         meta = json.loads((out / "checkpoints" / name / "meta.json").read_text())
         assert meta["writer_rank"] == 0 and meta["writer_pid"] == rank0_pid
     # Every update request of both ranks landed in the shared memory before the phase-1 checkpoint.
-    mem = np.load(out / "checkpoints" / "step-0000003" / "memory.npz")
+    mem = np.load(out / "checkpoints" / "step-0000003" / "memory.npz", allow_pickle=False)
     assert int(mem["version"]) == 2 * 3
     rows = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss/m" in r] == [1, 2, 3]
@@ -65,8 +65,8 @@ def test_two_process_run_of_both_phases(tmp_path, shards):
     assert all(np.isfinite(r["loss/g"]) and np.isfinite(r["loss/d"]) for r in rows if "loss/g" in r)
     assert (out / "samples").is_dir() and any((out / "samples").iterdir())
     assert (out / "loss_curves.png").is_file() and (out / "config.yaml").is_file()
-    models = torch.load(out / "checkpoints" / "step-0000006" / "models.pt", weights_only=True)
-    assert set(models) == {"generator", "discriminator", "extractor"}
+    models = load_checkpoint(out / "checkpoints" / "step-0000006")["models"]
+    assert set(models) == {"generator", "discriminator", "extractor"} and models["generator"]
 
 
 @pytest.mark.slow
@@ -88,7 +88,7 @@ def test_kill_9_then_resume_restores_the_memory(tmp_path, shards):
         finally:
             kill_tree(proc)  # kill -9 of the launcher, both ranks (and nothing else: the server is external)
         latest = max(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
-        saved = np.load(out / "checkpoints" / latest / "memory.npz")
+        saved = np.load(out / "checkpoints" / latest / "memory.npz", allow_pickle=False)
         with MemoryClient(server.endpoint) as client:
             # The kill may land just after a checkpoint; one more write makes sure the memory moved on.
             rng = np.random.default_rng(0)

@@ -1,15 +1,23 @@
 """Checkpoints: a folder per global step, written atomically, holding everything a resume needs.
 
-`<out_dir>/checkpoints/step-NNNNNNN/` contains models.pt (trainable weights only; frozen pretrained
-backbones come from their packages), optim.pt (optimizers, schedulers), rng.pt (every rank's RNG
-states), memory.npz (the memory exported at that step), config.yaml and a human-readable meta.json.
-It is written under a temporary name, fsync'ed, then renamed: a crash leaves the previous one intact.
-This module also owns reading one apart: which state dict goes into which module (`restore_training`,
-`generator_state`), the resume checks (`find_resume`, `check_resume_config`) and the memory restore.
+`<out_dir>/checkpoints/step-NNNNNNN/` contains generator.safetensors, discriminator.safetensors and
+extractor.safetensors (trainable weights only; frozen pretrained backbones come from their packages),
+optim.pt (optimizers, schedulers) and rng.pt (every rank's RNG states as tensors and plain numbers),
+both read with `weights_only=True`, memory.npz (the memory at that step, read without pickle),
+config.yaml and a human-readable meta.json. It is written under a temporary name, fsync'ed, then
+renamed: a crash leaves the previous one intact. Checkpoints of earlier releases (models.pt, and an
+rng.pt holding numpy arrays) still load, with nothing unpickled beyond tensors and numpy arrays.
+
+This module is also the one loader that decides what a path is (`describe_path`): a checkpoint folder,
+a run's out_dir (its latest checkpoint) or an inference bundle (launch/export.py: config, generator
+and extractor weights, the memory as a pack). It owns reading them apart: which state dict goes into
+which module (`restore_training`, `generator_state`), the resume checks (`find_resume`,
+`check_resume_config`) and the memory restore.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -22,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors.torch
 import torch
 from torch import Tensor, nn
 
@@ -30,7 +39,16 @@ from trainer.config import TrainConfig, load_config, resume_differences, save_co
 log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d{7})$")
-REQUIRED_FILES = ("models.pt", "optim.pt", "meta.json", "config.yaml")
+CHECKPOINT_FORMAT = 2  # 1: models.pt (a pickled dict of state dicts); 2: one safetensors file per network
+NETWORKS = ("generator", "discriminator", "extractor")
+REQUIRED_FILES = ("optim.pt", "meta.json", "config.yaml")  # plus the weights: WEIGHT_FILES or LEGACY_MODELS
+WEIGHT_FILES = tuple(f"{n}.safetensors" for n in NETWORKS)
+LEGACY_MODELS = "models.pt"
+# An inference bundle (trainer/bundle.py writes it): no optimizer state, the memory as a pack.
+BUNDLE_FILE = "bundle.json"
+BUNDLE_FORMAT = "pccnet-bundle"
+BUNDLE_FILES = ("config.yaml", "generator.safetensors", "extractor.safetensors")
+BUNDLE_MEMORY = "memory.pack"
 # Rows per put when restoring a memory: keeps each request well under the server's message limit.
 RESTORE_CHUNK = 4096
 
@@ -43,27 +61,48 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:07d}"
 
 
+def is_checkpoint_dir(p: Path) -> bool:
+    """A complete checkpoint folder of either format."""
+    return (p.is_dir() and all((p / f).is_file() for f in REQUIRED_FILES)
+            and (all((p / f).is_file() for f in WEIGHT_FILES) or (p / LEGACY_MODELS).is_file()))
+
+
+def is_bundle_dir(p: Path) -> bool:
+    return p.is_dir() and (p / BUNDLE_FILE).is_file()
+
+
 def list_checkpoints(out_dir: str | Path) -> list[Path]:
     """Complete checkpoint folders of a run, oldest first."""
     root = Path(out_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)
-             and all((p / f).is_file() for f in REQUIRED_FILES)]
+    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and is_checkpoint_dir(p)]
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run's out_dir (then its latest checkpoint)."""
+def describe_path(path: str | Path) -> tuple[str, Path]:
+    """What a --checkpoint value names: ('bundle', folder) or ('checkpoint', folder; a run's latest)."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint path {str(p)!r} does not exist")
-    if p.is_dir() and all((p / f).is_file() for f in REQUIRED_FILES):
-        return p
+    if is_bundle_dir(p):
+        return "bundle", p
+    if is_checkpoint_dir(p):
+        return "checkpoint", p
     found = list_checkpoints(p)
     if not found:
-        raise CheckpointError(f"{str(p)!r} is neither a checkpoint folder nor a run directory with checkpoints")
-    return found[-1]
+        raise CheckpointError(f"{str(p)!r} is neither a checkpoint folder, a run directory with checkpoints, "
+                              f"nor an exported model (a folder with {BUNDLE_FILE})")
+    return "checkpoint", found[-1]
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run's out_dir (then its latest checkpoint); a bundle cannot be resumed."""
+    kind, p = describe_path(path)
+    if kind == "bundle":
+        raise CheckpointError(f"{str(p)!r} is an exported model (inference only: no optimizer state); resume "
+                              "from the run's checkpoint instead")
+    return p
 
 
 def find_resume(out_dir: str | Path, resume: str | None) -> Path | None:
@@ -98,15 +137,25 @@ def _fsync(*paths: Path) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as tensors, numbers and strings only (so rng.pt loads with weights_only)."""
+    version, words, gauss = random.getstate()
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, torch.tensor(words, dtype=torch.int64), gauss],
+             "numpy": [kind, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore rng_state() (or the tuples of format-1 checkpoints: Python's state, numpy's with an array)."""
+    version, words, gauss = state["python"]
+    words = tuple(int(w) for w in (words.tolist() if isinstance(words, Tensor) else words))
+    random.setstate((version, words, gauss))
+    kind, key, *rest = state["numpy"]
+    key = key.numpy() if isinstance(key, Tensor) else np.asarray(key)
+    np.random.set_state((kind, key.astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -124,13 +173,14 @@ def save_checkpoint(out_dir: str | Path, step: int, cfg: TrainConfig, models: di
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    torch.save(models, tmp / "models.pt")
+    for net in NETWORKS:
+        save_weights(models.get(net, {}), tmp / f"{net}.safetensors", {"network": net, "step": str(step)})
     torch.save(optim, tmp / "optim.pt")
     torch.save(rng_states, tmp / "rng.pt")
     if memory_state is not None:
         save_memory_state(memory_state, tmp / "memory.npz")
     save_config(cfg, tmp / "config.yaml")
-    meta = dict(meta, step=step, time=time.time())
+    meta = dict(meta, step=step, time=time.time(), checkpoint_format=CHECKPOINT_FORMAT)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     _fsync(*(f for f in tmp.rglob("*") if f.is_file()), tmp)
     if final.exists():  # a re-run of the same step (e.g. the final one after a resume): replace it
@@ -151,6 +201,32 @@ def save_checkpoint(out_dir: str | Path, step: int, cfg: TrainConfig, models: di
     return final
 
 
+def save_weights(state: dict[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """A state dict as a safetensors file (CPU copies: safetensors refuses shared or strided storage)."""
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+    # Bytes written by us (save_file creates 0600 files; a bundle is meant to be shared).
+    Path(path).write_bytes(safetensors.torch.save(tensors, metadata=metadata))
+
+
+def load_weights(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """A safetensors file as a state dict (no pickle); CheckpointError naming the file when unreadable."""
+    try:
+        state = safetensors.torch.load_file(str(path), device="cpu")
+    except Exception as e:  # safetensors raises its own error type for a damaged header or body
+        raise CheckpointError(f"cannot read weights {path}: {type(e).__name__}: {e}") from e
+    if str(map_location) != "cpu":
+        state = {k: v.to(map_location) for k, v in state.items()}
+    return state
+
+
+def _torch_load(path: Path, map_location: str | torch.device) -> Any:
+    """torch.load with weights_only=True; numpy arrays admitted for the rng.pt of format-1 checkpoints."""
+    core = np._core if hasattr(np, "_core") else np.core  # numpy 2 renamed core to _core
+    allowed = [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def save_memory_state(state: dict, path: str | Path) -> None:
     """A memory export as an .npz (arrays only, loadable without pickle)."""
     arrays = {k: np.asarray(state[k]) for k in ("keys", "values", "ages", "item_ids")}
@@ -168,16 +244,23 @@ def load_memory_state(path: str | Path) -> dict[str, np.ndarray]:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
                     training: bool = True) -> dict[str, Any]:
     """The parts of a checkpoint folder: path, models, memory, config, meta; with `training` also optim, rng."""
-    ckpt = resolve_checkpoint(path)
+    kind, ckpt = describe_path(path)
+    if kind == "bundle":
+        if training:
+            resolve_checkpoint(ckpt)  # raises: a bundle holds no optimizer state
+        return load_bundle(ckpt, map_location)
     out: dict[str, Any] = {"path": ckpt}
     try:
-        out["models"] = torch.load(ckpt / "models.pt", map_location=map_location, weights_only=True)
+        if (ckpt / WEIGHT_FILES[0]).is_file():
+            out["models"] = {net: load_weights(ckpt / f"{net}.safetensors", map_location) for net in NETWORKS}
+        else:  # format 1
+            out["models"] = _torch_load(ckpt / LEGACY_MODELS, map_location)
         if training:
-            out["optim"] = torch.load(ckpt / "optim.pt", map_location=map_location, weights_only=True)
-            # RNG states hold numpy/python tuples: trusted local files we wrote ourselves.
-            out["rng"] = torch.load(ckpt / "rng.pt", map_location="cpu", weights_only=False) \
-                if (ckpt / "rng.pt").is_file() else None
-    except Exception as e:  # torch raises several types for truncated or foreign files
+            out["optim"] = _torch_load(ckpt / "optim.pt", map_location)
+            out["rng"] = _torch_load(ckpt / "rng.pt", "cpu") if (ckpt / "rng.pt").is_file() else None
+    except CheckpointError:
+        raise
+    except Exception as e:  # torch raises several types for truncated, foreign or unsafe files
         raise CheckpointError(f"cannot read checkpoint {ckpt}: {e}") from e
     out["memory"] = load_memory_state(ckpt / "memory.npz") if (ckpt / "memory.npz").is_file() else None
     out["config"] = load_config(ckpt / "config.yaml")
@@ -186,8 +269,56 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
 
 
 def load_for_inference(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Models, memory, config and meta of a checkpoint (no optimizer state)."""
+    """Models, memory, config and meta of a checkpoint, a run's latest, or a bundle (no optimizer state)."""
     return load_checkpoint(path, map_location, training=False)
+
+
+def load_bundle(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """An inference bundle as load_for_inference returns a checkpoint: every file's sha256 checked first."""
+    from trainer.packs import PackError, read_pack
+
+    try:
+        info = json.loads((path / BUNDLE_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path / BUNDLE_FILE}: {e}") from e
+    if not isinstance(info, dict) or info.get("format") != BUNDLE_FORMAT:
+        raise CheckpointError(f"{path / BUNDLE_FILE} is not a {BUNDLE_FORMAT} description")
+    if int(info.get("format_version", 0)) > 1:
+        raise CheckpointError(f"{path} is a bundle of format version {info['format_version']}; this code reads 1")
+    for name in BUNDLE_FILES:
+        if not (path / name).is_file():
+            raise CheckpointError(f"bundle {path} lacks {name}")
+    for name, digest in dict(info.get("sha256", {})).items():
+        parts = Path(name).parts
+        if Path(name).is_absolute() or ".." in parts or not parts or not (path / name).is_file():
+            raise CheckpointError(f"bundle {path}: {BUNDLE_FILE} names a file {name!r} that it lacks")
+        if file_sha256(path / name) != digest:
+            raise CheckpointError(f"bundle {path}: {name} does not match its sha256 in {BUNDLE_FILE} (damaged or "
+                                  "edited)")
+    gen = load_weights(path / "generator.safetensors", map_location)
+    out: dict[str, Any] = {
+        "path": path, "bundle": info,
+        # As a checkpoint holds them: G inside the G+F module (keys 'generator.*'); no discriminator.
+        "models": {"generator": {f"generator.{k}": v for k, v in gen.items()}, "discriminator": {},
+                   "extractor": load_weights(path / "extractor.safetensors", map_location)},
+        "config": load_config(path / "config.yaml"), "meta": dict(info.get("meta", {}), step=info.get("step")),
+        "memory": None,
+    }
+    if (path / BUNDLE_MEMORY).is_file():
+        try:
+            pack = read_pack(path / BUNDLE_MEMORY)
+        except PackError as e:
+            raise CheckpointError(str(e)) from e
+        out["memory"] = dict(pack.arrays(), version=-1)
+    return out
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def trainable_state(module: nn.Module) -> dict[str, Tensor]:

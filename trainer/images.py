@@ -99,6 +99,11 @@ def load_rgb(
         raise ImageDecodeError(f"cannot decode image {name}: {type(exn).__name__}: {detail}") from exn
 
 
+def to_rgb(img: Image.Image, background: str = "white") -> Image.Image:
+    """Any PIL image -> RGB, transparency composited onto `background` (as load_rgb does for files)."""
+    return _to_rgb(img, parse_background(background))
+
+
 def _to_rgb(img: Image.Image, bg: tuple[int, int, int]) -> Image.Image:
     if _has_transparency(img):
         rgba = img.convert("RGBA")

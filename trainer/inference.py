@@ -1,4 +1,4 @@
-"""Using a trained checkpoint: colorizing images (Colorizer, colorize_files) and memorizing new ones.
+"""Using a trained checkpoint: colorizing images (Colorizer; folders: trainer/folders.py) and memorizing new ones.
 
 Colour is predicted at the model's size and its ab upsampled and joined with the input's own
 full-resolution L, so outputs keep the input's resolution and detail. The memory is the checkpoint's
@@ -35,8 +35,8 @@ from trainer.checkpoint import (
 )
 from trainer.config import ConfigError
 from trainer.data import DataError
-from trainer.images import center_crop_resize, image_to_sample, load_rgb
-from trainer.retrieval import retrieve_color_feature, uniform_color_feature
+from trainer.images import center_crop_resize, image_to_sample, load_rgb, to_rgb
+from trainer.retrieval import retrieve_answers, retrieve_color_feature, uniform_color_feature
 from trainer.shards import item_id
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,16 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return unique
 
 
+def is_pack_path(memory: str) -> bool:
+    """True when a --memory value names a pack file rather than a server endpoint."""
+    if memory.startswith(("tcp://", "ipc://", "inproc://")):
+        return False
+    if not Path(memory).is_file():
+        raise FileNotFoundError(f"--memory {memory!r} is neither a server endpoint (tcp://..., ipc://...) nor a "
+                                "pack file")
+    return True
+
+
 def pick_device(name: str | None) -> torch.device:
     if name:
         return torch.device(name)
@@ -85,7 +95,7 @@ class Colorizer:
 
     def __init__(self, checkpoint: str | Path, device: str | None = None, memory: str | None = None,
                  memory_name: str | None = None, timeout_ms: int = 30000, need_memory: bool = False,
-                 memory_from: str | Path | None = None) -> None:
+                 memory_from: str | Path | None = None, connect_memory: bool = True) -> None:
         self.device = pick_device(device)
         state = load_for_inference(checkpoint, map_location="cpu")
         self.path = state["path"]
@@ -107,8 +117,23 @@ class Colorizer:
         self._tmp = None
         self.client = None
         self.capacity = None
-        if self.use_memory or need_memory:
-            self._open_memory(source["memory"], memory, timeout_ms)
+        saved = source["memory"]
+        # What the manifest of a folder run names as the memory.
+        self.memory_label = f"{memory} {self.memory_name}" if memory else f"checkpoint {self.memory_name}"
+        if memory is not None and is_pack_path(memory):
+            # A pack file: checked against this extractor, then served like the checkpoint's own memory.
+            from trainer.packs import check_identity, extractor_identity, read_pack
+
+            pack = read_pack(memory)
+            check_identity(pack, extractor_identity(self.extractor, source["config"].data.image_size), memory)
+            self.memory_label = f"pack {Path(memory).name}"
+            saved, memory, self.memory_name = pack.arrays(), None, memory_name or pack.name
+        if not self.use_memory:
+            self.memory_label = "none (the model does not use a memory)"
+        # connect_memory False: the caller manages memories itself (the studio); the saved one is kept for it.
+        self.saved_memory = None if connect_memory else saved
+        if connect_memory and (self.use_memory or need_memory):
+            self._open_memory(saved, memory, timeout_ms)
 
     def _open_memory(self, saved: dict | None, endpoint: str | None, timeout_ms: int) -> None:
         if endpoint is None:
@@ -159,11 +184,64 @@ class Colorizer:
         c = self.color_features(light) if color_feature is None else color_feature.to(self.device, light.dtype)
         return self.generator(light, c)
 
+    @classmethod
+    def from_pretrained(cls, path: str | Path, memory: str | None = None, memory_name: str | None = None,
+                        device: str | None = None) -> Colorizer:
+        """A checkpoint, a run's folder (its latest) or an exported bundle, ready to colorize; close() it, or
+        use it in a `with`.
+
+        memory: None for the checkpoint's own memory (served by an embedded server), "tcp://HOST:PORT"
+        (or ipc://) for a running server (memory_name picks the memory there), or a pack file's path
+        (served by an embedded server after its extractor identity is checked). device: "cuda" when
+        present, else "cpu".
+        """
+        return cls(path, device=device, memory=memory, memory_name=memory_name)
+
     @torch.no_grad()
-    def colorize_images(self, images: list[Image.Image]) -> list[np.ndarray]:
-        """RGB PIL images of any size (colour or gray) -> colour uint8 arrays [H,W,3] at the input's size."""
+    def colorize(self, images, batch_size: int | None = None):
+        """PIL image, ndarray or a list of them -> colour PIL image(s) at each input's own resolution.
+
+        Arrays: [H,W] gray, [H,W,3] RGB or [H,W,4] RGBA, as uint8, uint16 or floats in [0,1]; colour
+        inputs are made gray first, transparency is composited onto the training background. Batches
+        of `batch_size` images share one memory query and one generator pass (default 16 on a CPU, 64
+        on a GPU; the full-resolution steps run one image at a time, so large photos stay cheap).
+        """
+        single = not isinstance(images, (list, tuple))
+        items = [as_rgb_image(x, self.background) for x in ([images] if single else images)]
+        step = batch_size or (64 if self.device.type == "cuda" else 16)
+        if step < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        out = []
+        for start in range(0, len(items), step):
+            out.extend(Image.fromarray(a) for a in self.colorize_images(items[start:start + step]))
+        return out[0] if single else out
+
+    @torch.no_grad()
+    def colorize_images(self, images: list[Image.Image], with_answers: bool = False):
+        """RGB PIL images of any size (colour or gray) -> colour uint8 arrays [H,W,3] at the input's size.
+
+        with_answers: also, per image, {'slot', 'similarity'} of the memory slot that answered (None for
+        both without a memory, or when no written slot answered).
+        """
         if not images:
-            return []
+            return ([], []) if with_answers else []
+        light, fulls = self.prepare_light(images)
+        if not with_answers:
+            return self.compose(self.predict_ab(light), fulls)
+        answers = [{"slot": None, "similarity": None} for _ in images]
+        if self.use_memory:
+            c, slots, sims, written = retrieve_answers(self.extractor, light.to(self.device), self.client,
+                                                       name=self.memory_name, capacity=self.capacity)
+            answers = [{"slot": int(s), "similarity": round(float(x), 4)} if w else dict(answers[0])
+                       for s, x, w in zip(slots, sims, written)]
+            fake_ab = self.predict_ab(light, color_feature=c)
+        else:
+            fake_ab = self.predict_ab(light)
+        return self.compose(fake_ab, fulls), answers
+
+    @torch.no_grad()
+    def prepare_light(self, images: list[Image.Image]) -> tuple[Tensor, list[Tensor]]:
+        """RGB PIL images -> (network-scaled light at the model size [B,1,S,S], full-size L [1,1,H,W] each)."""
         smalls, fulls = [], []
         for img in images:
             rgb = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
@@ -172,7 +250,11 @@ class Colorizer:
             small = F.interpolate(light_full, size=(self.image_size, self.image_size), mode="bilinear",
                                   antialias=True, align_corners=False)
             smalls.append(normalize_light(small))
-        fake_ab = self.predict_ab(torch.cat(smalls))
+        return torch.cat(smalls), fulls
+
+    @torch.no_grad()
+    def compose(self, fake_ab: Tensor, fulls: list[Tensor]) -> list[np.ndarray]:
+        """Predicted ab/110 [B,2,S,S] + each image's full-size L -> colour uint8 arrays [H,W,3]."""
         out = []
         for i, light_full in enumerate(fulls):
             h, w = light_full.shape[-2:]
@@ -199,44 +281,29 @@ class Colorizer:
         self.close()
 
 
+def as_rgb_image(x, background: str = "white") -> Image.Image:
+    """A PIL image or an array ([H,W], [H,W,3], [H,W,4]; uint8, uint16 or floats in [0,1]) -> RGB PIL image."""
+    if isinstance(x, Image.Image):
+        return to_rgb(x, background)
+    arr = np.asarray(x)
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)) or 0 in arr.shape[:2]:
+        raise ValueError(f"an image array must be [H,W], [H,W,3] or [H,W,4], got shape {arr.shape}")
+    if arr.dtype == np.uint16:
+        arr = (arr.astype(np.float64) / 257.0).round().astype(np.uint8)
+    elif arr.dtype.kind == "f":
+        if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+            raise ValueError("a float image array must hold values in [0, 1]")
+        arr = (arr * 255.0).round().astype(np.uint8)
+    elif arr.dtype != np.uint8:
+        raise ValueError(f"an image array must be uint8, uint16 or float, got {arr.dtype}")
+    return to_rgb(Image.fromarray(np.ascontiguousarray(arr)), background)  # L, RGB or RGBA by shape
+
+
 def load_extractor(state: dict, device: torch.device | str = "cpu") -> MemoryExtractor:
     """The memory feature extractor of a load_for_inference() dict, in eval mode on `device`."""
     extractor = MemoryExtractor(state["config"].model.extractor)
     load_trainable_state(extractor, state["models"]["extractor"], "extractor")
     return extractor.to(device).eval()
-
-
-def output_names(paths: list[Path]) -> list[str]:
-    """<stem>.png per input; inputs sharing a stem get _1, _2, ... so nothing is overwritten."""
-    used: dict[str, int] = {}
-    names = []
-    for p in paths:
-        n = used.get(p.stem, 0)
-        used[p.stem] = n + 1
-        names.append(f"{p.stem}.png" if n == 0 else f"{p.stem}_{n}.png")
-    return names
-
-
-def colorize_files(col: Colorizer, paths: list[Path], out_dir: str | Path, batch_size: int = 8,
-                   progress: bool = True) -> list[tuple[Path, str]]:
-    """Colour PNGs of `paths` into out_dir (see output_names); returns the (path, reason) of unreadable inputs."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    names = output_names(paths)
-    failed = []
-    with tqdm(total=len(paths), desc="colorize", unit="img", disable=not progress) as bar:
-        for start in range(0, len(paths), batch_size):
-            images, ok = [], []
-            for i in range(start, min(len(paths), start + batch_size)):
-                try:
-                    images.append(load_rgb(paths[i], background=col.background))
-                    ok.append(i)
-                except Exception as e:  # report unreadable inputs by name and go on with the rest
-                    failed.append((paths[i], str(e)))
-            for i, arr in zip(ok, col.colorize_images(images)):
-                Image.fromarray(arr).save(out_dir / names[i])
-            bar.update(min(len(paths), start + batch_size) - start)
-    return failed
 
 
 def _check_memory_shape(info: dict, name: str, key_dim: int) -> None:
@@ -295,18 +362,23 @@ def memorize(checkpoint: str | Path, endpoint: str, name: str, paths: list[Path]
 
 
 def colorize_command(checkpoint: str | Path, inputs: list[str], output: str | Path, memory: str | None = None,
-                     memory_name: str | None = None, batch_size: int = 8, device: str | None = None) -> int:
-    """launch/colorize.py: colour PNGs of every input; prints the skipped ones and a summary.
+                     memory_name: str | None = None, batch_size: int = 8, device: str | None = None,
+                     overwrite: bool = False) -> int:
+    """launch/colorize.py: colour PNGs of every input (trainer/folders.py); prints unreadable ones and a summary.
 
-    Exit code 1 when no input could be read, else 0.
+    Exit code 1 when no input could be read (and none was done before), else 0.
     """
+    from trainer.folders import colorize_files
+
     paths = expand_inputs(inputs)
     with Colorizer(checkpoint, device=device, memory=memory, memory_name=memory_name) as col:
-        failed = colorize_files(col, paths, output, batch_size)
-    for path, why in failed:
+        report = colorize_files(col, paths, output, batch_size, overwrite=overwrite)
+    for path, why in report["failed"]:
         print(f"skipped {path}: {why}", file=sys.stderr)
-    print(f"colorized {len(paths) - len(failed)} of {len(paths)} images into {output}")
-    return 1 if failed and len(failed) == len(paths) else 0
+    skipped = f"; {report['skipped']} already there (--overwrite redoes them)" if report["skipped"] else ""
+    print(f"colorized {report['written']} of {len(paths)} images into {output}{skipped}; "
+          f"manifest {report['manifest']}")
+    return 1 if report["failed"] and report["written"] + report["skipped"] == 0 else 0
 
 
 def memorize_command(checkpoint: str | Path, endpoint: str, name: str, inputs: list[str], capacity: int = 1024,

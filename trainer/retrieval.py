@@ -49,6 +49,25 @@ def retrieve_color_feature(extractor: nn.Module, light: Tensor, memory, name: st
     return torch.from_numpy(values).to(light.device), slots
 
 
+@torch.no_grad()
+def retrieve_answers(extractor: nn.Module, light: Tensor, memory, name: str | None = None,
+                     capacity: int | None = None) -> tuple[Tensor, np.ndarray, np.ndarray, np.ndarray]:
+    """retrieve_color_feature, plus what answered each query: (colour feature [B,313], slots [B], cosine
+    similarity of the query to that slot's key [B], whether the slot holds a written item [B])."""
+    queries = []
+
+    def extract(x: Tensor) -> Tensor:  # keeps the query to score the slot that answered
+        q = extractor(x)
+        queries.append(q)
+        return q
+
+    c, slots = retrieve_color_feature(extract, light, memory, name=name, capacity=capacity)
+    got = memory.get(slots.astype(np.int64), memory=name)
+    query = queries[0].float().cpu().numpy()
+    sims = np.einsum("bd,bd->b", query, got["keys"]).astype(np.float32)
+    return c, slots, sims, got["item_ids"] >= 0
+
+
 def _first_written(reply: dict) -> tuple[np.ndarray, np.ndarray]:
     """Per query, the value and slot of the best-ranked written slot; slot -1 where none is written."""
     written = reply["item_ids"] >= 0  # [B, k]
