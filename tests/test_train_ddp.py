@@ -101,7 +101,7 @@ def test_kill_9_then_resume_restores_the_memory(tmp_path, shards):
         assert res.returncode == 0, res.stdout[-4000:]
         assert f"at step {steps}" in res.stdout
         summary = json.loads((out / "run_summary.json").read_text())
-        assert summary["start_step"] == steps and summary["resumed_from"].endswith(latest)
+        assert summary["start_step"] == steps == summary["step"] and summary["resumed_from"].endswith(latest)
         with MemoryClient(server.endpoint) as client:
             now = client.export()
         np.testing.assert_allclose(now["keys"], saved["keys"], atol=1e-6)

@@ -140,12 +140,13 @@ class Runner:
                    desc="train", mininterval=0.5 if sys.stderr.isatty() else 30.0)
         self.last_logged: dict[str, float] = {}
         self.window = [time.perf_counter(), 0]  # start of the log interval, images seen in it (all ranks)
-        step = self.start_step
+        done = self.start_step  # steps finished, so a resume with nothing left reports where it stands
         for step in range(self.start_step, self.total_steps):
             phase = 1 if step < self.cfg.phase1.steps else 2
             self.train_step(step, phase)
             self.after_step(step + 1, phase, bar)
             bar.update(1)
+            done = step + 1
         bar.close()
         if self.start_step >= self.total_steps and self.total_steps > 0 and self.main:
             log.info("nothing to do: the checkpoint is at step %d of %d", self.start_step, self.total_steps)
@@ -153,7 +154,7 @@ class Runner:
             if self.sample_batch is not None:
                 self._save_samples(self.total_steps, name="final")
             plot_run_curves(self.out_dir / "stats.jsonl", self.out_dir / "loss_curves.png")
-        return {"step": max(step + 1, self.start_step), "last": self.last_logged, "out_dir": str(self.out_dir)}
+        return {"step": done, "last": self.last_logged, "out_dir": str(self.out_dir)}
 
     def train_step(self, step: int, phase: int) -> None:
         """One step of the phase, its scalars and timings reported to the stats and metrics."""
