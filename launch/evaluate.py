@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
                              "memory's answer (a perfect memory: the upper bound retrieval could reach)")
     parser.add_argument("--retrieval", action="store_true",
                         help="score the colour memory instead: KL of the retrieved distribution to each image's own")
+    parser.add_argument("--retrieval-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="override the checkpoint's retrieval settings (k=8, mix=geometric, temperature=0.05, "
+                             "flip=true; k=1 is the paper's top-1); repeatable")
     parser.add_argument("--bootstrap", type=int, default=100, metavar="N",
                         help="resample the test images N times for the spread of FID (0: off; default 100)")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -48,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     return report_errors(lambda: evaluate_checkpoint(
         args.checkpoint, args.data, args.output, retrieval=args.retrieval, memory=args.memory,
         memory_name=args.memory_name, memory_from=args.memory_from, device=args.device, batch_size=args.batch_size,
-        baseline=args.baseline, color_feature=args.color_feature, bootstrap=args.bootstrap), user_errors())
+        baseline=args.baseline, color_feature=args.color_feature, bootstrap=args.bootstrap,
+        retrieval_options=args.retrieval_option), user_errors())
 
 
 if __name__ == "__main__":

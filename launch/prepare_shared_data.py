@@ -29,6 +29,20 @@ class Split:
     list_file: str  # relative to the shared data folder
     root: str  # folder the list's names are relative to
     samples_per_shard: int
+    # Every VAL_EVERY-th name of the list ("val"), or all the others ("rest"): a validation split cut
+    # from a training list (the few-shot base classes), so settings are chosen without the test images.
+    take: str = "all"
+
+
+VAL_EVERY = 20
+
+
+def _select(names: list[str], take: str) -> list[str]:
+    if take == "all":
+        return names
+    if take not in ("val", "rest"):
+        raise ValueError(f"Split.take must be 'all', 'val' or 'rest', got {take!r}")
+    return [n for i, n in enumerate(names) if (i % VAL_EVERY == VAL_EVERY - 1) == (take == "val")]
 
 
 def _splits() -> list[Split]:
@@ -44,6 +58,10 @@ def _splits() -> list[Split]:
             Split("flowers_udacity_every10", split, f"flowers102/split_test_udacity_every10_{split}.txt",
                   "flowers102/test_udacity", per),
         ]
+    # Few-shot protocol (flowers102/MANIFEST.md): base classes only; 1 in 20 base images held out for validation.
+    base = "flowers102/split_fewshot_base_train.txt"
+    out += [Split("flowers64_fewshot_base", "train", base, "flowers102/all_64px", 512, "rest"),
+            Split("flowers64_fewshot_base", "val", base, "flowers102/all_64px", 128, "val")]
     return sorted(out, key=lambda s: (s.name, s.prefix != "train"))
 
 
@@ -82,7 +100,14 @@ def prepare(shared: Path, output: Path, workers: int, force: bool) -> int:
         started = time.perf_counter()
         if manifest is None:
             try:
-                manifest = write_shards([str(shared / split.list_file)], out, split.prefix,
+                list_file = shared / split.list_file
+                if split.take != "all":  # the derived list is kept beside the shards it made
+                    out.mkdir(parents=True, exist_ok=True)
+                    names = [n.strip() for n in list_file.read_text().splitlines() if n.strip()]
+                    derived = out / f"{split.prefix}-list.txt"
+                    derived.write_text("".join(f"{shared / split.root / n}\n" for n in _select(names, split.take)))
+                    list_file = derived
+                manifest = write_shards([str(list_file)], out, split.prefix,
                                         split.samples_per_shard, 1 << 30, workers,
                                         root=str(shared / split.root), progress=sys.stderr.isatty())
             except ShardError as exn:

@@ -272,7 +272,7 @@ class Studio:
     def _retrieve(self, light: torch.Tensor, memory: str) -> tuple[torch.Tensor, dict[str, Any]]:
         info = self._info(memory)
         c, slots, sims, written = retrieve_answers(self.colorizer.extractor, light, self.client, name=memory,
-                                                   capacity=int(info["capacity"]))
+                                                   capacity=int(info["capacity"]), options=self.colorizer.retrieval)
         slot = int(slots[0])
         values = self.client.get(np.asarray([slot]), memory=memory)
         item = int(values["item_ids"][0])

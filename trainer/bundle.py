@@ -91,6 +91,9 @@ def export_bundle(checkpoint: str | Path, output: str | Path, onnx: bool = False
             "format": BUNDLE_FORMAT, "format_version": 1, "created": _now(), "source": str(source), "step": step,
             "image_size": size, "background": cfg.data.background, "memory_name": cfg.memory.name,
             "use_memory": cfg.model.use_memory, "extractor_identity": identity, "onnx": onnx_files,
+            # How retrieval mixes the memory's answer (trainer.retrieval); launch/onnx_colorize.py reads it.
+            "retrieval": {"k": cfg.retrieval.k, "temperature": cfg.retrieval.temperature, "mix": cfg.retrieval.mix,
+                          "flip": cfg.retrieval.flip},
             "meta": {k: v for k, v in state["meta"].items() if k in ("phase", "phase1_steps", "phase2_steps",
                                                                      "world_size")},
         }

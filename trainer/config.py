@@ -138,17 +138,52 @@ class Phase1Config(_Section):
     steps: int = 1000
     lr: float = 1e-4
     k: int = 256  # top-k neighbours for the circle loss (capped at the memory's capacity)
-    threshold: float = 1.5  # delta_1, KL threshold in nats for positives and hits; calibrate per data set
-    # (launch/calibrate_threshold.py): on Pokemon 1.5 makes 54 % of pairs positive and the memory collapses
+    # delta_1, KL threshold in nats for positives and hits, or "auto": calibrated on the training data when
+    # the run starts (the 15 % rule of launch/calibrate_threshold.py; trainer.calibrate), logged, and
+    # stored in the checkpoint's config. A fixed 1.5 on Pokemon makes 54 % of pairs positive and the
+    # memory collapses.
+    threshold: float | str = 1.5
     age_noise: float = 4.0
     val_every: int = 0  # steps between retrieval-accuracy evaluations on data.val; 0: only at the end
+    # After phase 1, write every training image once with the final extractor: keys written during
+    # training came from earlier extractor states and drift away from test-time queries.
+    reindex: bool = False
 
     def validate(self, path: str) -> None:
         if self.steps < 0:
             raise ConfigError(f"{path}.steps must be >= 0, got {self.steps}")
         _positive(self, path, "lr", "k")
-        if self.threshold < 0 or self.age_noise < 0 or self.val_every < 0:
+        if isinstance(self.threshold, str) and self.threshold != "auto":
+            raise ConfigError(f"{path}.threshold must be a number of nats or 'auto', got {self.threshold!r}")
+        if (not isinstance(self.threshold, str) and self.threshold < 0) or self.age_noise < 0 or self.val_every < 0:
             raise ConfigError(f"{path}: threshold, age_noise and val_every must be >= 0")
+
+    @property
+    def threshold_value(self) -> float:
+        """delta_1 as a number; ConfigError while it is still 'auto' (the trainer resolves it at start-up)."""
+        if isinstance(self.threshold, str):
+            raise ConfigError("phase1.threshold is 'auto' and was not calibrated yet (trainer.calibrate)")
+        return self.threshold
+
+
+@dataclass(frozen=True)
+class RetrievalConfig(_Section):
+    """Test-time retrieval (trainer.retrieval): how the memory's answer for an unseen image is formed.
+
+    k 1, mix "mean", flip false is the paper's: the value of the single most similar written slot.
+    """
+
+    SECTION = "retrieval"
+    k: int = 1  # written slots whose values are mixed
+    temperature: float = 0.1  # softmax temperature over their cosine similarities (weights of the mix)
+    mix: str = "mean"  # "mean": weighted mean of the histograms; "geometric": normalised weighted
+    # geometric mean (keeps only colours every neighbour has); "medoid": the neighbour value with the least
+    # weighted KL to the others (one real histogram, never a blend)
+    flip: bool = False  # query with the mean of the features of the image and its mirror image
+
+    def validate(self, path: str) -> None:
+        _positive(self, path, "k", "temperature")
+        _choice(self, path, "mix", ("mean", "geometric", "medoid"))
 
 
 @dataclass(frozen=True)
@@ -204,6 +239,7 @@ class TrainConfig:
     phase2: Phase2Config = field(default_factory=Phase2Config)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
 
 
 # Keys that only set the length or bookkeeping of a run: they may change on resume.
@@ -211,7 +247,8 @@ RESUMABLE_KEYS = (
     "phase1.steps", "phase2.steps", "phase1.val_every", "run.checkpoint_every", "run.log_every",
     "run.sample_every", "run.keep_checkpoints", "run.out_dir", "run.collective_timeout_s",
     "run.check_ddp_every_log", "data.workers", "data.cache_mb", "data.train", "data.val", "memory.address",
-    "memory.timeout_ms", "memory.retries", "metrics.port",
+    "memory.timeout_ms", "memory.retries", "metrics.port", "retrieval.k", "retrieval.temperature",
+    "retrieval.mix", "retrieval.flip",
 )
 # Keys that fix the shape of a saved model: a change on resume is an error. Every network option is one.
 # (model.use_memory changes what G is fed, not any shape: ablations may start from a shared phase 1.)

@@ -18,17 +18,17 @@ import torch
 from tqdm import tqdm
 
 from pccnet import metrics
-from pccnet.color import NUM_BINS, lab_from_network, lab_to_rgb
+from pccnet.color import lab_from_network, lab_to_rgb
 from pccnet.losses import kl_divergence
-from trainer.config import DataConfig, TrainConfig
+from trainer.calibrate import QUANTILES, calibrate_threshold, calibration_report  # noqa: F401 (re-exported)
+from trainer.config import DataConfig, apply_override, config_from_dict, config_to_dict
 from trainer.data import make_eval_loader
 from trainer.inference import Colorizer
-from trainer.retrieval import retrieval_kl
+from trainer.retrieval import RetrievalOptions
 
 # FID on fewer images than this is strongly biased (METHOD.md 8.3); flagged, never hidden.
 SMALL_SET = 200
 RETRIEVAL_THRESHOLDS = (0.5, 1.0, 1.5)
-QUANTILES = (0.05, 0.1, 0.15, 0.2, 0.5)
 
 
 def _eval_data(col: Colorizer, batch_size: int) -> DataConfig:
@@ -96,34 +96,49 @@ def bootstrap_fid(preds: np.ndarray, reals: np.ndarray, n_resamples: int, seed: 
             for idx in (rng.integers(0, n, n) for _ in range(n_resamples))]
 
 
+def _divergences(p: torch.Tensor, q: torch.Tensor) -> dict[str, torch.Tensor]:
+    """KL(p || q), KL(q || p) and Jensen-Shannon of broadcastable distributions (float64), over the last dim."""
+    m = 0.5 * (p + q)
+    return {"kl": kl_divergence(p, q), "kl_rev": kl_divergence(q, p),
+            "js": 0.5 * (kl_divergence(p, m) + kl_divergence(q, m))}
+
+
 @torch.no_grad()
 def evaluate_retrieval(col: Colorizer, pattern: str, batch_size: int = 16) -> dict:
-    """KL(retrieved || own) per test image, against a random written slot (chance) and the best one (oracle)."""
+    """How far the retrieved colour feature is from each test image's own, against a random written slot
+    (chance) and the best written slot (oracle): KL(retrieved || own) (the keys without a suffix),
+    KL(own || retrieved) (`_rev`) and Jensen-Shannon (`_js`), in nats."""
     exported = col.client.export(memory=col.memory_name)
     written = torch.from_numpy(exported["values"][exported["item_ids"] >= 0]).double()  # [n, 313]
     if written.shape[0] == 0:
         raise ValueError(f"memory {col.memory_name!r} of {col.path} holds no written slot")
-    got, chance, oracle, slots = [], [], [], []
+    got, chance, oracle, slots = {}, {}, {}, []
     for batch in tqdm(make_eval_loader(pattern, _eval_data(col, batch_size), 0, 1), desc="retrieval", unit="batch"):
         target = batch["color_feature"].double()  # [B, 313]
         retrieved, picked = col.retrieve(batch["light"], return_slots=True)
         slots.append(picked)
-        got.append(retrieval_kl(retrieved, target))
-        every = kl_divergence(written[None], target[:, None])  # [B, n]: each written value vs each image
-        chance.append(every.mean(1))
-        oracle.append(every.min(1).values)
-    got, chance, oracle = (torch.cat(x).numpy() for x in (got, chance, oracle))
-    result = {
-        "retrieval_kl": float(got.mean()), "retrieval_kl_median": float(np.median(got)),
-        "chance_kl": float(chance.mean()), "oracle_kl": float(oracle.mean()),
-        "n_images": int(got.shape[0]), "written_slots": int(written.shape[0]),
-        # How many different slots answered: 1 means every image got the same colours.
-        "distinct_answers": int(np.unique(np.concatenate(slots)).size),
-        "threshold": col.cfg.phase1.threshold, "extractor": col.cfg.model.extractor.backbone,
-        "checkpoint": str(col.path), "data": pattern,
-    }
-    for t in sorted(set(RETRIEVAL_THRESHOLDS) | {col.cfg.phase1.threshold}):
-        result[f"acc@{t:g}"] = float((got < t).mean())
+        for name, d in _divergences(retrieved.detach().cpu().double(), target).items():
+            got.setdefault(name, []).append(d)
+        for name, d in _divergences(written[None], target[:, None]).items():  # [B, n]: each written value
+            chance.setdefault(name, []).append(d.mean(1))
+            oracle.setdefault(name, []).append(d.min(1).values)
+    got, chance, oracle = ({k: torch.cat(v).numpy() for k, v in x.items()} for x in (got, chance, oracle))
+    result = {"n_images": int(got["kl"].shape[0]), "written_slots": int(written.shape[0]),
+              # How many different slots answered (the best of each mix): 1 means every image got the same.
+              "distinct_answers": int(np.unique(np.concatenate(slots)).size)}
+    for name, suffix in (("kl", ""), ("kl_rev", "_rev"), ("js", "_js")):
+        result[f"retrieval_kl{suffix}"] = float(got[name].mean())
+        result[f"retrieval_kl{suffix}_median"] = float(np.median(got[name]))
+        result[f"chance_kl{suffix}"] = float(chance[name].mean())
+        result[f"oracle_kl{suffix}"] = float(oracle[name].mean())
+    result.update({"threshold": col.cfg.phase1.threshold, "extractor": col.cfg.model.extractor.backbone,
+                   "retrieval": dataclasses.asdict(col.retrieval), "checkpoint": str(col.path),
+                   "memory_from": str(col.memory_source), "data": pattern})
+    thresholds = set(RETRIEVAL_THRESHOLDS)
+    if not isinstance(col.cfg.phase1.threshold, str):
+        thresholds.add(col.cfg.phase1.threshold)
+    for t in sorted(thresholds):
+        result[f"acc@{t:g}"] = float((got["kl"] < t).mean())
     return result
 
 
@@ -150,6 +165,10 @@ def retrieval_table(r: dict) -> str:
              f"| KL(retrieved, own), mean / median (nats) | {r['retrieval_kl']:.3f} / {r['retrieval_kl_median']:.3f} |",
              f"| KL of a random written slot (chance) | {r['chance_kl']:.3f} |",
              f"| KL of the best written slot (oracle) | {r['oracle_kl']:.3f} |"]
+    for suffix, label in (("_rev", "KL(own, retrieved)"), ("_js", "Jensen-Shannon")):
+        if f"retrieval_kl{suffix}" in r:
+            lines.append(f"| {label}: retrieved / random slot / best slot | {r[f'retrieval_kl{suffix}']:.3f} / "
+                         f"{r[f'chance_kl{suffix}']:.3f} / {r[f'oracle_kl{suffix}']:.3f} |")
     lines += [f"| accuracy at KL < {k[4:]} | {r[k]:.3f} |" for k in accs]
     return "\n".join(lines)
 
@@ -157,14 +176,20 @@ def retrieval_table(r: dict) -> str:
 def evaluate_checkpoint(checkpoint: str | Path, pattern: str, output: str | Path, *, retrieval: bool = False,
                         memory: str | None = None, memory_name: str | None = None,
                         memory_from: str | Path | None = None, device: str | None = None,
-                        batch_size: int = 16, **image_options) -> dict:
-    """launch/evaluate.py: score a checkpoint (or with `retrieval` its memory), write JSON, print a table."""
+                        batch_size: int = 16, retrieval_options: list[str] | tuple[str, ...] = (),
+                        **image_options) -> dict:
+    """launch/evaluate.py: score a checkpoint (or with `retrieval` its memory), write JSON, print a table.
+
+    retrieval_options: "key=value" overrides of the checkpoint's `retrieval:` section (k=8, mix=geometric).
+    """
+    options = retrieval_overrides(checkpoint, retrieval_options) if retrieval_options else None
     with Colorizer(checkpoint, device=device, memory=memory, memory_name=memory_name, need_memory=retrieval,
-                   memory_from=memory_from) as col:
+                   memory_from=memory_from, retrieval=options) as col:
         if retrieval:
             result, table = evaluate_retrieval(col, pattern, batch_size), retrieval_table
         else:
             result, table = evaluate_images(col, pattern, batch_size, **image_options), markdown_table
+    result["retrieval"] = dataclasses.asdict(col.retrieval)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -173,38 +198,12 @@ def evaluate_checkpoint(checkpoint: str | Path, pattern: str, output: str | Path
     return result
 
 
-def calibrate_threshold(cfg: TrainConfig, n_images: int = 512, positive_rate: float = 0.15) -> dict:
-    """KL(v_j || v_i) over ordered pairs of up to n_images random training images of cfg.data.train.
+def retrieval_overrides(checkpoint: str | Path, overrides: list[str] | tuple[str, ...]) -> RetrievalOptions:
+    """The checkpoint's retrieval settings with "key=value" overrides, validated as the config is."""
+    from trainer.checkpoint import load_for_inference
 
-    Every training image is read and a random subset paired (shards are often in class order). Returns
-    the pair count, the QUANTILES, the configured threshold's positive share and the threshold for
-    `positive_rate`. ValueError with fewer than 2 images.
-    """
-    data = dataclasses.replace(cfg.data, batch_size=64)
-    feats = [b["color_feature"].double() for b in tqdm(make_eval_loader(data.train, data, 0, 1),
-                                                        desc="colour features", unit="batch")]
-    v = torch.cat(feats) if feats else torch.zeros(0, NUM_BINS, dtype=torch.float64)
-    if v.shape[0] < 2:
-        raise ValueError(f"{data.train} holds {v.shape[0]} image(s); pairs need at least 2")
-    n_all = v.shape[0]
-    v = v[torch.randperm(n_all, generator=torch.Generator().manual_seed(0))[:n_images]]
-    kl = kl_divergence(v[None], v[:, None])  # [n, n]: stored value j against query i
-    pairs = kl[~torch.eye(v.shape[0], dtype=torch.bool)]
-    return {"images": v.shape[0], "images_all": n_all, "pairs": pairs.numel(),
-            "quantiles": {q: float(pairs.quantile(q)) for q in QUANTILES},
-            "configured": cfg.phase1.threshold,
-            "configured_positive": float((pairs < cfg.phase1.threshold).double().mean()),
-            "positive_rate": positive_rate, "threshold": float(pairs.quantile(positive_rate))}
-
-
-def calibration_report(r: dict) -> str:
-    """calibrate_threshold's result as the lines launch/calibrate_threshold.py prints."""
-    qs = r["quantiles"]
-    return "\n".join([
-        f"{r['images']} of {r['images_all']} training images, {r['pairs']} ordered pairs, KL in nats",
-        "| quantile | " + " | ".join(f"{q:g}" for q in qs) + " |",
-        "| --- " * (len(qs) + 1) + "|",
-        "| KL | " + " | ".join(f"{v:.3f}" for v in qs.values()) + " |",
-        f"configured phase1.threshold {r['configured']:g}: {r['configured_positive']:.1%} of pairs positive",
-        f"phase1.threshold for {r['positive_rate']:.0%} positive pairs: {r['threshold']:.3f}",
-    ])
+    cfg = load_for_inference(checkpoint)["config"]
+    data = config_to_dict(cfg)
+    for item in overrides:
+        apply_override(data, item if item.startswith("retrieval.") else f"retrieval.{item}")
+    return RetrievalOptions.of(config_from_dict(data).retrieval)

@@ -83,3 +83,37 @@ def free_slots(client, name: str, slots: Sequence[int], key_dim: int, value_dim:
 def written_slots(item_ids: np.ndarray) -> np.ndarray:
     """Slots holding an item written by a client (item id >= 0), ascending."""
     return np.flatnonzero(np.asarray(item_ids) >= 0)
+
+
+@torch.no_grad()
+def encode_images(extractor: nn.Module, loader, device: torch.device | str = "cpu"
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every batch of an eval loader (trainer.data) -> (keys [n, dim], colour features [n, 313], item ids [n])."""
+    keys, values, ids = [], [], []
+    for batch in loader:
+        keys.append(extractor(batch["light"].to(device)).float().cpu().numpy())
+        values.append(batch["color_feature"].float().numpy())
+        ids.append(batch["item_id"].numpy())
+    if not keys:
+        raise ValueError("no image to encode: the data pattern holds no readable sample")
+    return np.concatenate(keys), np.concatenate(values), np.concatenate(ids).astype(np.int64)
+
+
+def index_memory(client, name: str | None, keys: np.ndarray, values: np.ndarray, item_ids: np.ndarray,
+                 chunk: int = 1024) -> int:
+    """Make memory `name` hold exactly these items: slot i <- row i (age 0), every other slot freed.
+
+    The memory must exist with room for them; ValueError naming both counts otherwise. Returns the
+    number of slots written.
+    """
+    info = client.info(memory=name)
+    capacity, n = int(info["capacity"]), keys.shape[0]
+    if n > capacity:
+        raise ValueError(f"{n} items do not fit memory {name or info.get('name', '')!r} of capacity {capacity}")
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        client.put(np.arange(start, stop, dtype=np.int64), keys[start:stop], values[start:stop],
+                   ages=np.zeros(stop - start, np.float32), item_ids=item_ids[start:stop], memory=name)
+    for start in range(n, capacity, chunk):
+        free_slots(client, name, np.arange(start, min(capacity, start + chunk)), keys.shape[1], values.shape[1])
+    return n

@@ -36,7 +36,12 @@ from trainer.checkpoint import (
 from trainer.config import ConfigError
 from trainer.data import DataError
 from trainer.images import center_crop_resize, image_to_sample, load_rgb, to_rgb
-from trainer.retrieval import retrieve_answers, retrieve_color_feature, uniform_color_feature
+from trainer.retrieval import (
+    RetrievalOptions,
+    retrieve_answers,
+    retrieve_color_feature,
+    uniform_color_feature,
+)
 from trainer.shards import item_id
 
 log = logging.getLogger(__name__)
@@ -95,11 +100,14 @@ class Colorizer:
 
     def __init__(self, checkpoint: str | Path, device: str | None = None, memory: str | None = None,
                  memory_name: str | None = None, timeout_ms: int = 30000, need_memory: bool = False,
-                 memory_from: str | Path | None = None, connect_memory: bool = True) -> None:
+                 memory_from: str | Path | None = None, connect_memory: bool = True,
+                 retrieval: RetrievalOptions | None = None) -> None:
         self.device = pick_device(device)
         state = load_for_inference(checkpoint, map_location="cpu")
         self.path = state["path"]
         self.cfg = state["config"]
+        # How retrieval forms its answer: the checkpoint's `retrieval:` section unless given here.
+        self.retrieval = retrieval if retrieval is not None else RetrievalOptions.of(self.cfg.retrieval)
         self.image_size = self.cfg.data.image_size
         self.background = self.cfg.data.background
         self.generator = Generator(self.cfg.model.generator)
@@ -171,7 +179,7 @@ class Colorizer:
         if self.client is None:
             raise ValueError(f"checkpoint {self.path}: no memory is open (pass need_memory=True)")
         c, slots = retrieve_color_feature(self.extractor, light.to(self.device), self.client, name=self.memory_name,
-                                          capacity=self.capacity)
+                                          capacity=self.capacity, options=self.retrieval)
         return (c, slots) if return_slots else c
 
     @torch.no_grad()
@@ -231,7 +239,8 @@ class Colorizer:
         answers = [{"slot": None, "similarity": None} for _ in images]
         if self.use_memory:
             c, slots, sims, written = retrieve_answers(self.extractor, light.to(self.device), self.client,
-                                                       name=self.memory_name, capacity=self.capacity)
+                                                       name=self.memory_name, capacity=self.capacity,
+                                                       options=self.retrieval)
             answers = [{"slot": int(s), "similarity": round(float(x), 4)} if w else dict(answers[0])
                        for s, x, w in zip(slots, sims, written)]
             fake_ab = self.predict_ab(light, color_feature=c)

@@ -27,12 +27,13 @@ from pccnet.color import NUM_BINS
 from pccnet.discriminator import PatchDiscriminator
 from pccnet.extractor import MemoryExtractor
 from trainer import checkpoint as ckpt_io
+from trainer.calibrate import resolve_threshold
 from trainer.config import ConfigError, Phase2Config, TrainConfig, config_to_dict, load_config, save_config
-from trainer.data import expand_pattern, make_eval_loader, make_train_loader
+from trainer.data import DataError, expand_pattern, make_eval_loader, make_train_loader
 from trainer.distributed import check_ddp_consistency, make_accelerator, max_param_diff
 from trainer.memory import TrainerMemory
 from trainer.models import build_generator
-from trainer.retrieval import collapse_warning, retrieval_kl, uniform_color_feature
+from trainer.retrieval import RetrievalOptions, collapse_warning, retrieval_kl, uniform_color_feature
 from trainer.stats import JsonlWriter, Stats, TrainerMetrics
 from trainer.step import StepContext, gan_step, memory_step
 from trainer.visual import plot_run_curves, save_sample_grid
@@ -190,6 +191,10 @@ class Runner:
             self.last_logged = self._log(done, phase, bar)
             if cfg.run.check_ddp_every_log:
                 check_ddp_consistency(self._modules(), done)
+        if end_of_phase1 and cfg.phase1.reindex:
+            if self.main:
+                self._reindex()
+            self.acc.wait_for_everyone()
         if cfg.data.val and phase == 1 and (end_of_phase1 or (cfg.phase1.val_every and
                                                               done % cfg.phase1.val_every == 0)):
             self._log_row(done, {"val/retrieval_acc": self.retrieval_accuracy()})
@@ -240,6 +245,18 @@ class Runner:
             extractor.train(was_training)
 
     @torch.no_grad()
+    def _reindex(self) -> None:
+        """phase1.reindex: the memory rebuilt from every training image, keyed by the final extractor."""
+        from trainer.exemplars import encode_images, index_memory
+
+        with self._eval_extractor() as extractor:
+            keys, values, ids = encode_images(extractor, make_eval_loader(self.cfg.data.train, self.cfg.data, 0, 1),
+                                              self.acc.device)
+        written = index_memory(self.memory.client, None, keys, values, ids)
+        log.info("phase1.reindex: %d training images written with the final extractor (%d of %d slots; "
+                 "the rest freed)", keys.shape[0], written, self.cfg.memory.capacity)
+
+    @torch.no_grad()
     def _warn_if_collapsed(self) -> None:
         """Retrieve for up to 32 phase-1 images; warn when nothing was written or one slot answers them all."""
         if not self.phase1_probe:
@@ -261,7 +278,8 @@ class Runner:
         hits = total = 0
         with self._eval_extractor() as extractor:
             for batch in make_eval_loader(self.cfg.data.val, self.cfg.data, self.rank, self.world):
-                c, _ = self.memory.retrieve(extractor, batch["light"].to(self.acc.device))
+                c, _ = self.memory.retrieve(extractor, batch["light"].to(self.acc.device),
+                                            RetrievalOptions.of(self.cfg.retrieval))
                 hits += int((retrieval_kl(c, batch["color_feature"]) < self.cfg.phase1.threshold).sum())
                 total += c.shape[0]
         if self.world > 1:
@@ -328,11 +346,30 @@ class Runner:
                     log.exception("error while closing %r", closer)
 
 
+def check_data_patterns(cfg: TrainConfig) -> None:
+    """Every data pattern of the config names shards that exist; ConfigError naming the key and the pattern.
+
+    Run before any process, server or step starts: a wrong data.val used to stop the run after phase 1.
+    """
+    if not cfg.data.train:
+        raise ConfigError("data.train must name the training shards (e.g. data/shards/x/train-{000000..000003}.tar)")
+    for key, pattern in (("data.train", cfg.data.train), ("data.val", cfg.data.val)):
+        if pattern is None:
+            continue
+        try:
+            expand_pattern(pattern)
+        except DataError as e:
+            raise ConfigError(f"{key} {pattern!r} matches no usable shard: {e}") from e
+
+
 def run(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
     """Train both phases as configured; returns the final step and the last logged means."""
+    check_data_patterns(cfg)
     runner = Runner(cfg, resume)
     level = logging.INFO if runner.main else logging.WARNING
     logging.basicConfig(level=level, format=f"%(asctime)s [rank {runner.rank}] %(name)s: %(message)s")
+    # "auto" becomes a number before the config is saved, so every checkpoint holds the value it used.
+    runner.cfg = resolve_threshold(runner.cfg, runner.resume_from)
     if runner.main:
         log.info("world size %d, device %s, config %s", runner.world, runner.acc.device,
                  {k: v for k, v in config_to_dict(cfg).items() if k in ("data", "model")})
@@ -351,9 +388,7 @@ def train(config: str | Path | None, overrides: list[str] | tuple[str, ...] = ()
           ) -> dict[str, Any]:
     """launch/train.py: the config file plus overrides, checked to name training data that exists, then run()."""
     cfg = load_config(config, overrides)
-    if not cfg.data.train:
-        raise ConfigError("data.train must name the training shards (e.g. data/shards/x/train-{000000..000003}.tar)")
-    expand_pattern(cfg.data.train)  # a wrong pattern fails here, before any process or server starts
+    check_data_patterns(cfg)  # a wrong pattern fails here, before any process or server starts
     result = run(cfg, resume=resume)
     if os.environ.get("RANK", "0") == "0":
         print(f"done: step {result['step']}, outputs in {result['out_dir']}")

@@ -20,7 +20,7 @@ from memory_server.launcher import start_server
 from memory_server.local import InProcessMemory
 from trainer.checkpoint import restore_memory
 from trainer.config import MemoryConfig
-from trainer.retrieval import retrieve_color_feature
+from trainer.retrieval import PAPER, RetrievalOptions, retrieve_color_feature
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +83,10 @@ class TrainerMemory:
         """Overwrite every slot with a checkpoint's export; returns the server's version afterwards."""
         return restore_memory(self.client, state)
 
-    def retrieve(self, extractor: nn.Module, light: Tensor) -> tuple[Tensor, np.ndarray]:
+    def retrieve(self, extractor: nn.Module, light: Tensor, options: RetrievalOptions = PAPER
+                 ) -> tuple[Tensor, np.ndarray]:
         """Test-time retrieval (trainer.retrieval) from this memory; not counted as training traffic."""
-        return retrieve_color_feature(extractor, light, self.client, capacity=self.cfg.capacity)
+        return retrieve_color_feature(extractor, light, self.client, capacity=self.cfg.capacity, options=options)
 
     def close(self) -> None:
         try:

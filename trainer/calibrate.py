@@ -1,0 +1,87 @@
+"""delta_1 from the data: the KL quantiles of pairs of training images (METHOD.md 3.2), `phase1.threshold: auto`.
+
+Shared by launch/calibrate_threshold.py (prints the quantiles) and the trainer, which resolves "auto"
+before any step: the threshold that makes POSITIVE_RATE of random pairs positive, logged and stored in
+the run's config (so every checkpoint carries the number it trained with). Imports no model code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pccnet.color import NUM_BINS
+from pccnet.losses import kl_divergence
+from trainer.config import TrainConfig, load_config
+from trainer.data import make_eval_loader
+
+log = logging.getLogger(__name__)
+
+QUANTILES = (0.05, 0.1, 0.15, 0.2, 0.5)
+POSITIVE_RATE = 0.15  # METHOD.md 3.2 asks for 10-20 % positive pairs
+AUTO_IMAGES = 512
+
+
+def calibrate_threshold(cfg: TrainConfig, n_images: int = 512, positive_rate: float = 0.15) -> dict:
+    """KL(v_j || v_i) over ordered pairs of up to n_images random training images of cfg.data.train.
+
+    Every training image is read and a random subset paired (shards are often in class order). Returns
+    the pair count, the QUANTILES, the configured threshold's positive share and the threshold for
+    `positive_rate`. ValueError with fewer than 2 images.
+    """
+    data = dataclasses.replace(cfg.data, batch_size=64)
+    feats = [b["color_feature"].double() for b in tqdm(make_eval_loader(data.train, data, 0, 1),
+                                                        desc="colour features", unit="batch")]
+    v = torch.cat(feats) if feats else torch.zeros(0, NUM_BINS, dtype=torch.float64)
+    if v.shape[0] < 2:
+        raise ValueError(f"{data.train} holds {v.shape[0]} image(s); pairs need at least 2")
+    n_all = v.shape[0]
+    v = v[torch.randperm(n_all, generator=torch.Generator().manual_seed(0))[:n_images]]
+    kl = kl_divergence(v[None], v[:, None])  # [n, n]: stored value j against query i
+    pairs = kl[~torch.eye(v.shape[0], dtype=torch.bool)]
+    return {"images": v.shape[0], "images_all": n_all, "pairs": pairs.numel(),
+            "quantiles": {q: float(pairs.quantile(q)) for q in QUANTILES},
+            "configured": cfg.phase1.threshold,
+            "configured_positive": (None if isinstance(cfg.phase1.threshold, str)
+                                    else float((pairs < cfg.phase1.threshold).double().mean())),
+            "positive_rate": positive_rate, "threshold": float(pairs.quantile(positive_rate))}
+
+
+def calibration_report(r: dict) -> str:
+    """calibrate_threshold's result as the lines launch/calibrate_threshold.py prints."""
+    qs = r["quantiles"]
+    return "\n".join([
+        f"{r['images']} of {r['images_all']} training images, {r['pairs']} ordered pairs, KL in nats",
+        "| quantile | " + " | ".join(f"{q:g}" for q in qs) + " |",
+        "| --- " * (len(qs) + 1) + "|",
+        "| KL | " + " | ".join(f"{v:.3f}" for v in qs.values()) + " |",
+        (f"configured phase1.threshold {r['configured']}: calibrated when a run starts"
+         if r["configured_positive"] is None else
+         f"configured phase1.threshold {r['configured']:g}: {r['configured_positive']:.1%} of pairs positive"),
+        f"phase1.threshold for {r['positive_rate']:.0%} positive pairs: {r['threshold']:.3f}",
+    ])
+
+
+def resolve_threshold(cfg: TrainConfig, resume_from: str | Path | None = None) -> TrainConfig:
+    """cfg with a numeric phase1.threshold: unchanged when it is a number; when 'auto', the value of the
+    checkpoint resumed from (a resumed run keeps its delta_1), else calibrated now on cfg.data.train."""
+    if not isinstance(cfg.phase1.threshold, str):
+        return cfg
+    if resume_from is not None:
+        saved = load_config(Path(resume_from) / "config.yaml").phase1.threshold
+        if not isinstance(saved, str):
+            log.info("phase1.threshold auto: %.4f nats, as in %s", saved, resume_from)
+            return dataclasses.replace(cfg, phase1=dataclasses.replace(cfg.phase1, threshold=saved))
+    r = calibrate_threshold(cfg, AUTO_IMAGES, POSITIVE_RATE)
+    value = round(r["threshold"], 4)
+    log.info("phase1.threshold auto: %.4f nats (%.0f %% of %d pairs of %d training images positive; "
+             "quantiles %s)", value, 100 * POSITIVE_RATE, r["pairs"], r["images"],
+             ", ".join(f"{q:g}: {v:.3f}" for q, v in r["quantiles"].items()))
+    if value <= 0:
+        raise ValueError(f"phase1.threshold auto: the {POSITIVE_RATE:.0%} quantile of the pair KL of "
+                         f"{cfg.data.train} is {value}; the training images have (nearly) identical colours")
+    return dataclasses.replace(cfg, phase1=dataclasses.replace(cfg.phase1, threshold=value))
