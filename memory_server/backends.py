@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -17,6 +18,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 BACKEND_CHOICES = ("auto", "faiss", "torch")
+INDEX_CHOICES = ("exact", "approximate")
+KEY_DTYPE_CHOICES = ("float32", "tf32", "bfloat16")
 _TORCH_CHUNK = 65_536  # key rows per matmul tile: [B, 65536] f32 tile = 64 MiB at B = 256
 _TORCH_TILE_ROWS = 256  # query rows per tile, so the tile a memory holds is bounded in advance
 _EXACT_BLOCK_ROWS = 8192  # key rows per float64 block when a row's sims are recomputed exactly
@@ -83,6 +86,30 @@ def resolve_backend(choice: str) -> str:
     return "faiss-cpu"
 
 
+@dataclass(frozen=True)
+class IndexOptions:
+    """How a store searches: `--index`, `--key-dtype` (torch backend) and the IVF lists probed."""
+
+    index: str = "exact"
+    key_dtype: str = "float32"
+    nprobe: int | None = None  # --index approximate: None = ivf.default_nprobe
+
+
+def check_index_options(backend: str, opts: IndexOptions) -> None:
+    """BackendUnavailable naming the value when the options do not fit the resolved backend."""
+    if opts.index not in INDEX_CHOICES:
+        raise BackendUnavailable(f"unknown --index {opts.index!r}; choose one of {INDEX_CHOICES}")
+    if opts.key_dtype not in KEY_DTYPE_CHOICES:
+        raise BackendUnavailable(f"unknown --key-dtype {opts.key_dtype!r}; choose one of {KEY_DTYPE_CHOICES}")
+    if opts.index == "approximate" and backend != "faiss-cpu":
+        raise BackendUnavailable(f"--index approximate runs on the faiss-cpu backend, not {backend!r} "
+                                 "(use --backend faiss on a CPU server)")
+    if opts.key_dtype != "float32" and not backend.startswith("torch"):
+        raise BackendUnavailable(f"--key-dtype {opts.key_dtype} needs --backend torch (resolved backend {backend!r})")
+    if opts.nprobe is not None and opts.nprobe < 1:
+        raise BackendUnavailable(f"--ivf-nprobe must be >= 1, got {opts.nprobe}")
+
+
 class Searcher(Protocol):
     """Exact top-k inner-product search over one memory's keys."""
 
@@ -101,16 +128,21 @@ class Searcher(Protocol):
         """Bytes this searcher holds beyond the memory's own arrays (host and device), for the accounting."""
 
 
-def searcher_nbytes(backend: str, capacity: int, key_dim: int) -> int:
+def searcher_nbytes(backend: str, capacity: int, key_dim: int, opts: IndexOptions | None = None) -> int:
     """What a searcher of `backend` will hold for a memory of this shape (checked before a create).
 
     Each searcher's `nbytes()` reports the same figure once built; a new index type (e.g. an approximate
     one) adds its own line here and in its class.
     """
+    opts = opts or IndexOptions()
+    if backend == "faiss-cpu" and opts.index == "approximate":
+        from .ivf import IvfSearcher  # noqa: PLC0415 - ivf imports this module
+        return IvfSearcher.planned_nbytes(capacity, key_dim)
     if backend == "faiss-cpu":
         return FaissSearcher.planned_nbytes(capacity, key_dim)
     if backend in ("faiss-gpu", "torch-cuda", "torch-cpu"):
-        return TorchSearcher.planned_nbytes(capacity, key_dim, on_device=backend != "torch-cpu")
+        return TorchSearcher.planned_nbytes(capacity, key_dim, on_device=backend != "torch-cpu",
+                                            key_dtype=opts.key_dtype)
     raise BackendUnavailable(f"unknown backend {backend!r}")
 
 
@@ -214,17 +246,22 @@ class FaissSearcher:
 class TorchSearcher:
     """Chunked matmul + topk on a torch mirror of the keys (CUDA), or a zero-copy CPU view."""
 
-    def __init__(self, keys: np.ndarray, device: str | None = None, use_faiss_gpu: bool = False) -> None:
+    def __init__(self, keys: np.ndarray, device: str | None = None, use_faiss_gpu: bool = False,
+                 key_dtype: str = "float32") -> None:
         torch = import_torch()
         self._torch = torch
         self.keys = keys
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        if self.device.type == "cpu":
+        self.key_dtype = key_dtype
+        # bfloat16: a half-size mirror (on the CPU too, where float32 is a zero-copy view); tf32: float32
+        # keys, TF32 tensor-core matmuls (CUDA only; the CPU computes float32 whatever the flag).
+        self._mm_dtype = torch.bfloat16 if key_dtype == "bfloat16" else torch.float32
+        if self.device.type == "cpu" and key_dtype != "bfloat16":
             self.dev_keys = torch.from_numpy(keys)  # shares memory: in-place writes are seen
         else:
-            self.dev_keys = torch.from_numpy(keys).to(self.device)
+            self.dev_keys = torch.from_numpy(keys).to(self.device, self._mm_dtype)
         self._tile: Any = None
         self._faiss_res: Any = None
         self.name = f"torch-{self.device.type}"
@@ -235,21 +272,24 @@ class TorchSearcher:
             self.name = "faiss-gpu"
 
     @staticmethod
-    def planned_nbytes(capacity: int, key_dim: int, on_device: bool) -> int:
-        """The device mirror of the keys (not on the CPU, where it is a view) plus the largest tile."""
-        mirror = capacity * key_dim * 4 if on_device else 0
+    def planned_nbytes(capacity: int, key_dim: int, on_device: bool, key_dtype: str = "float32") -> int:
+        """The mirror of the keys (none on the CPU in float32, where it is a view) plus the largest tile."""
+        if key_dtype == "bfloat16":
+            mirror = capacity * key_dim * 2
+        else:
+            mirror = capacity * key_dim * 4 if on_device else 0
         return mirror + _TORCH_TILE_ROWS * min(capacity, _TORCH_CHUNK) * 4
 
     def nbytes(self) -> int:
         m, dk = self.keys.shape
-        return self.planned_nbytes(m, dk, self.device.type != "cpu")
+        return self.planned_nbytes(m, dk, self.device.type != "cpu", self.key_dtype)
 
     def _tile_for(self, rows: int, cols: int) -> Any:
         """A contiguous [rows, cols] view of one reusable buffer of _TORCH_TILE_ROWS x min(m, chunk)."""
         torch = self._torch
         if self._tile is None:
             size = _TORCH_TILE_ROWS * min(self.keys.shape[0], _TORCH_CHUNK)
-            self._tile = torch.empty(size, dtype=torch.float32, device=self.device)
+            self._tile = torch.empty(size, dtype=self._mm_dtype, device=self.device)
         return self._tile[: rows * cols].view(rows, cols)
 
     def _topk(self, qt: Any, k: int) -> tuple[Any, Any]:
@@ -265,6 +305,7 @@ class TorchSearcher:
             tile = self._tile_for(qt.shape[0], j1 - j0)
             torch.matmul(qt, self.dev_keys[j0:j1].T, out=tile)
             s, i = torch.topk(tile, min(k, j1 - j0), dim=1, largest=True, sorted=True)
+            s = s.float()
             i = i + j0
             if best_s is None:
                 best_s, best_i = s, i
@@ -280,19 +321,31 @@ class TorchSearcher:
         kp = min(k + 1, m)
         sims = np.empty((q.shape[0], kp), np.float32)
         slots = np.empty((q.shape[0], kp), np.int64)
-        with torch.no_grad():
-            for r0 in range(0, q.shape[0], _TORCH_TILE_ROWS):  # row blocks keep the tile bounded
-                qt = torch.from_numpy(np.ascontiguousarray(q[r0:r0 + _TORCH_TILE_ROWS])).to(self.device)
-                s, i = self._topk(qt, kp)
-                sims[r0:r0 + _TORCH_TILE_ROWS], slots[r0:r0 + _TORCH_TILE_ROWS] = s.cpu().numpy(), i.cpu().numpy()
+        prev = torch.backends.cuda.matmul.allow_tf32
+        try:
+            if self.device.type == "cuda":  # float32 keys search in strict fp32 unless --key-dtype tf32
+                torch.backends.cuda.matmul.allow_tf32 = self.key_dtype == "tf32"
+            with torch.no_grad():
+                for r0 in range(0, q.shape[0], _TORCH_TILE_ROWS):  # row blocks keep the tile bounded
+                    qt = torch.from_numpy(np.ascontiguousarray(q[r0:r0 + _TORCH_TILE_ROWS])).to(
+                        self.device, self._mm_dtype)
+                    s, i = self._topk(qt, kp)
+                    sims[r0:r0 + _TORCH_TILE_ROWS], slots[r0:r0 + _TORCH_TILE_ROWS] = s.cpu().numpy(), i.cpu().numpy()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = prev
+        if self.key_dtype != "float32":
+            # Reduced-precision sims are rounded (bf16: 3 digits), so equal scores are common and the
+            # exact boundary recomputation of fix_ties would run on most rows: order ties within the
+            # returned k by lower slot only (the recall against float32 search is measured, not exact).
+            return order_ties(sims[:, :k], slots[:, :k])
         return fix_ties(sims, slots, k, q, self.keys)
 
     def keys_written(self, slots: np.ndarray) -> None:
-        if self.device.type == "cpu" or slots.size == 0:
+        if (self.device.type == "cpu" and self.key_dtype != "bfloat16") or slots.size == 0:
             return
         torch = self._torch
         idx = torch.from_numpy(np.ascontiguousarray(slots, dtype=np.int64)).to(self.device)
-        rows = torch.from_numpy(np.ascontiguousarray(self.keys[slots])).to(self.device)
+        rows = torch.from_numpy(np.ascontiguousarray(self.keys[slots])).to(self.device, self._mm_dtype)
         self.dev_keys.index_copy_(0, idx, rows)
 
     def close(self) -> None:
@@ -302,14 +355,35 @@ class TorchSearcher:
             self._torch.cuda.empty_cache()
 
 
-def make_searcher(backend: str, keys: np.ndarray) -> Searcher:
-    """A searcher of the resolved `backend` name over `keys` [m, dk] float32 (C-contiguous)."""
+def order_ties(sims: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows re-sorted by (-sim, slot) where equal sims occur (deterministic order of returned ties)."""
+    sims, slots = np.ascontiguousarray(sims), np.ascontiguousarray(slots)
+    if sims.shape[1] > 1:
+        for i in np.flatnonzero(np.any(sims[:, 1:] == sims[:, :-1], axis=1)):
+            order = np.lexsort((slots[i], -sims[i]))
+            sims[i], slots[i] = sims[i][order], slots[i][order]
+    return sims, slots
+
+
+def make_searcher(backend: str, keys: np.ndarray, opts: IndexOptions | None = None,
+                  written: np.ndarray | None = None, state: np.ndarray | None = None,
+                  pending: np.ndarray | None = None) -> Searcher:
+    """A searcher of the resolved `backend` name over `keys` [m, dk] float32 (C-contiguous).
+
+    `written` (the memory's written-slot flags), `state` (a snapshotted index) and `pending` (slots
+    written since that snapshot) serve the approximate index only.
+    """
+    opts = opts or IndexOptions()
+    if backend == "faiss-cpu" and opts.index == "approximate":
+        from .ivf import IvfSearcher  # noqa: PLC0415 - ivf imports this module
+        assert written is not None, "the approximate index trains on the written slots"
+        return IvfSearcher(keys, written, opts.nprobe, state, pending)
     if backend == "faiss-cpu":
         return FaissSearcher(keys)
     if backend == "faiss-gpu":
         return TorchSearcher(keys, device="cuda", use_faiss_gpu=True)
     if backend == "torch-cuda":
-        return TorchSearcher(keys, device="cuda")
+        return TorchSearcher(keys, device="cuda", key_dtype=opts.key_dtype)
     if backend == "torch-cpu":
-        return TorchSearcher(keys, device="cpu")
+        return TorchSearcher(keys, device="cpu", key_dtype=opts.key_dtype)
     raise BackendUnavailable(f"unknown backend {backend!r}")

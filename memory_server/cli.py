@@ -14,7 +14,16 @@ import signal
 import sys
 from pathlib import Path
 
-from .backends import BACKEND_CHOICES, BackendUnavailable, import_faiss, resolve_backend
+from .backends import (
+    BACKEND_CHOICES,
+    INDEX_CHOICES,
+    KEY_DTYPE_CHOICES,
+    BackendUnavailable,
+    IndexOptions,
+    check_index_options,
+    import_faiss,
+    resolve_backend,
+)
 from .durability import (
     DURABILITY_MODES,
     DataDirLocked,
@@ -35,7 +44,7 @@ from .protocol import (
     MemoryServerError,
 )
 from .server import BindRefused, Server, ServerConfig, check_bind_policy
-from .store import MemoryStore
+from .store import VALUE_DTYPE_CHOICES, MemoryStore
 
 log = logging.getLogger("memory_server")
 
@@ -52,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--durability", choices=DURABILITY_MODES, default="always")
     p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
     p.add_argument("--threads", type=int, default=0, help="search threads (faiss OpenMP); 0 = all cores")
+    p.add_argument("--index", choices=INDEX_CHOICES, default="exact",
+                   help="approximate: a FAISS IVF index (faiss-cpu backend) with an exact re-rank of its candidates")
+    p.add_argument("--ivf-nprobe", type=int, default=None,
+                   help="--index approximate: IVF lists probed per query (default 1/32 of them, at least 8)")
+    p.add_argument("--key-dtype", choices=KEY_DTYPE_CHOICES, default="float32",
+                   help="torch backend: matmul precision of the search (tf32 on CUDA; bfloat16 keeps a bf16 mirror)")
+    p.add_argument("--value-dtype", choices=VALUE_DTYPE_CHOICES, default="float32",
+                   help="how values are held (float16 halves them; replies stay float32)")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus on 127.0.0.1:P (0 picks one)")
     p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
                    help="per frame, per request and per reply")
@@ -133,12 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_bind_policy(server_cfg)
         backend = resolve_backend(args.backend)
+        index_opts = IndexOptions(args.index, args.key_dtype, args.ivf_nprobe)
+        check_index_options(backend, index_opts)
         if args.threads > 0 and backend.startswith("faiss"):
             import_faiss().omp_set_num_threads(args.threads)
     except (BindRefused, BackendUnavailable) as exc:
         return _fail(2, str(exc))
     metrics = Metrics(device="cuda" if backend in ("faiss-gpu", "torch-cuda") else "cpu")
-    store = MemoryStore(backend, args.max_memory_bytes, args.max_memories)
+    store = MemoryStore(backend, args.max_memory_bytes, args.max_memories, index_opts, args.value_dtype)
     durability = Durability(DurabilityConfig(
         data_dir=args.data_dir if args.durability != "none" else None, mode=args.durability,
         snapshot_wal_bytes=args.snapshot_wal_bytes, snapshot_interval_s=args.snapshot_interval_s,
@@ -187,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    log.info("serving %s on %s (backend %s, durability %s)", sorted(store.memories), endpoint, backend,
-             args.durability)
+    log.info("serving %s on %s (backend %s, index %s, key dtype %s, value dtype %s, durability %s)",
+             sorted(store.memories), endpoint, backend, args.index, args.key_dtype, args.value_dtype, args.durability)
     print(f"READY {endpoint}", flush=True)
     try:
         final_ok = server.serve_forever()

@@ -226,7 +226,8 @@ class Engine:
         if mem is not None:
             result.update(capacity=mem.capacity, key_dim=mem.key_dim, value_dim=mem.value_dim, filled=mem.filled,
                           version=mem.version, backend=self.store.backend, durability=self.durability.cfg.mode,
-                          nbytes=mem.nbytes())
+                          nbytes=mem.nbytes(), index=self.store.index.index, key_dtype=self.store.index.key_dtype,
+                          value_dtype=mem.values.dtype.name)
         if self.metrics_port is not None:
             result["metrics_port"] = self.metrics_port
         return Reply(head.req_id, "info", result=result)

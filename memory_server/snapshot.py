@@ -34,6 +34,7 @@ DATA_FILE = "data.bin"
 MANIFEST = "manifest.json"
 _READ_CHUNK = 8 << 20
 _WINDOW_SECTIONS = ("window_ids", "window_meta", "window_hit", "window_slots")
+INDEX_SECTION = "index"  # optional: a serialised approximate index (--index approximate), uint8
 
 
 class SnapshotCorrupt(RuntimeError):
@@ -108,6 +109,10 @@ def write_snapshot(data_dir: Path, seq: int, memories: list[Memory], next_lsn: i
         with open(tmp / DATA_FILE, "wb") as f:
             for mem in memories:
                 sections = [(n, getattr(mem, n)) for n in PERSISTENT_ARRAYS] + _window_sections(mem.window)
+                index_state = getattr(mem.searcher, "state", None)
+                state = index_state() if index_state is not None else None
+                if state is not None:  # saved so a restart need not train and fill the index again
+                    sections.append((INDEX_SECTION, state))
                 described = []
                 for name, arr in sections:
                     arr = np.ascontiguousarray(arr)
@@ -222,7 +227,7 @@ def _window(sections: dict[str, np.ndarray], path: Path, name: str) -> OrderedDi
     return window
 
 
-def _load_memory(f: Any, path: Path, entry: Any, data_bytes: int) -> Memory:
+def _load_memory(f: Any, path: Path, entry: Any, data_bytes: int, value_dtype: str = "float32") -> Memory:
     if not isinstance(entry, dict):
         raise _bad(path / MANIFEST, f"memory entry is {type(entry).__name__}")
     name = entry.get("name")
@@ -236,17 +241,26 @@ def _load_memory(f: Any, path: Path, entry: Any, data_bytes: int) -> Memory:
         raise _bad(path / MANIFEST, f"memory {name!r} has no section list")
     sections = dict(_read_section(f, spec, path, name, data_bytes) for spec in specs)
     expected = {n: layout(m, dk, dv)[n] for n in PERSISTENT_ARRAYS}
+    index_state = sections.pop(INDEX_SECTION, None)
     if set(sections) != set(expected) | set(_WINDOW_SECTIONS):
         raise _bad(path / MANIFEST, f"memory {name!r} sections {sorted(sections)} are not the expected ones")
     for n, (shape, dtype) in expected.items():
-        if sections[n].shape != shape or sections[n].dtype != dtype:
+        # values may have been held as float16 or float32 (--value-dtype of the server that wrote them)
+        ok_dtype = sections[n].dtype in (np.float32, np.float16) if n == "values" else sections[n].dtype == dtype
+        if sections[n].shape != shape or not ok_dtype:
             raise _bad(path / MANIFEST, f"memory {name!r} section {n} is {sections[n].dtype}{list(sections[n].shape)}, "
                                         f"expected {dtype}{list(shape)}")
-    mem = Memory(name, sections["keys"], sections["values"], sections["ages"], sections["item_ids"],
+    values, negent = sections["values"], sections["negent"]
+    if values.dtype != np.dtype(value_dtype):  # --value-dtype changed between runs: convert, recompute negent
+        values, negent = values.astype(value_dtype), None
+    if index_state is not None and index_state.dtype != np.uint8:
+        raise _bad(path / MANIFEST, f"memory {name!r} section {INDEX_SECTION} is {index_state.dtype}, expected uint8")
+    mem = Memory(name, sections["keys"], values, sections["ages"], sections["item_ids"],
                  sections["written"], version=_int(entry.get("version"), "version", path / MANIFEST),
                  hits=_int(entry.get("hits"), "hits", path / MANIFEST),
                  misses=_int(entry.get("misses"), "misses", path / MANIFEST),
-                 seed=_int(entry.get("seed"), "seed", path / MANIFEST), negent=sections["negent"])
+                 seed=_int(entry.get("seed"), "seed", path / MANIFEST), negent=negent)
+    mem.index_state = index_state
     for req_id, window_entry in _window(sections, path, name).items():
         mem._remember(req_id, window_entry)
     return mem
@@ -270,7 +284,7 @@ def load_snapshot(path: Path, store: MemoryStore) -> tuple[int, int]:
             raise _bad(data, f"has {size} bytes, the manifest says {data_bytes}")
         with open(data, "rb") as f:
             for entry in entries:
-                mem = _load_memory(f, path, entry, data_bytes)
+                mem = _load_memory(f, path, entry, data_bytes, getattr(store, "value_dtype", "float32"))
                 if mem.name in store.memories:
                     raise _bad(path / MANIFEST, f"memory {mem.name!r} is listed twice")
                 store.add(mem)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from . import rules
-from .backends import Searcher, make_searcher, searcher_nbytes
+from .backends import IndexOptions, Searcher, make_searcher, searcher_nbytes
 from .effects import CreateEffect, DropEffect, Effect, PutEffect, UpdateEffect
 from .protocol import (
     DEFAULT_MAX_MEMORIES,
@@ -44,6 +44,7 @@ OBJECT_BYTES = 8 * 1024  # the Python objects of a memory (Memory, dicts, search
 WINDOW_ENTRY_BYTES = 512
 
 PERSISTENT_ARRAYS = ("keys", "values", "ages", "item_ids", "written", "negent")  # saved in snapshots
+VALUE_DTYPE_CHOICES = ("float32", "float16")  # --value-dtype: how `values` are held (replies stay float32)
 SCRATCH_ARRAYS = ("aged", "scores", "part", "noise")  # per-slot buffers reused by every update
 
 
@@ -51,12 +52,13 @@ class EffectInvalid(ValueError):
     """An effect that cannot be applied to the store (a bug when planned live, corruption in a log)."""
 
 
-def layout(capacity: int, key_dim: int, value_dim: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+def layout(capacity: int, key_dim: int, value_dim: int,
+           value_dtype: str = "float32") -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """(shape, dtype) of every array a memory holds: the protocol arrays, bookkeeping and scratch."""
     m = capacity
     return {
         "keys": ((m, key_dim), np.dtype(np.float32)),
-        "values": ((m, value_dim), np.dtype(np.float32)),
+        "values": ((m, value_dim), np.dtype(value_dtype)),
         "ages": ((m,), np.dtype(np.float32)),
         "item_ids": ((m,), np.dtype(np.int64)),
         "written": ((m,), np.dtype(bool)),  # slot written at least once (for `filled`)
@@ -68,14 +70,16 @@ def layout(capacity: int, key_dim: int, value_dim: int) -> dict[str, tuple[tuple
     }
 
 
-def arrays_nbytes(capacity: int, key_dim: int, value_dim: int) -> int:
+def arrays_nbytes(capacity: int, key_dim: int, value_dim: int, value_dtype: str = "float32") -> int:
     """Bytes of every array in `layout()`."""
-    return sum(math.prod(shape) * dt.itemsize for shape, dt in layout(capacity, key_dim, value_dim).values())
+    spec = layout(capacity, key_dim, value_dim, value_dtype)
+    return sum(math.prod(shape) * dt.itemsize for shape, dt in spec.values())
 
 
-def planned_nbytes(capacity: int, key_dim: int, value_dim: int, backend: str) -> int:
+def planned_nbytes(capacity: int, key_dim: int, value_dim: int, backend: str, opts: IndexOptions | None = None,
+                   value_dtype: str = "float32") -> int:
     """What a new memory of this shape will hold (Memory.nbytes() of a fresh one), checked before a create."""
-    held = arrays_nbytes(capacity, key_dim, value_dim) + searcher_nbytes(backend, capacity, key_dim)
+    held = arrays_nbytes(capacity, key_dim, value_dim, value_dtype) + searcher_nbytes(backend, capacity, key_dim, opts)
     return max(MIN_MEMORY_BYTES, held + OBJECT_BYTES)
 
 
@@ -151,14 +155,17 @@ class Memory:
         self.window: OrderedDict[Any, WindowEntry] = OrderedDict()
         self.window_bytes = 0
         self.searcher: Searcher | None = None
+        self.index_state: np.ndarray | None = None  # a snapshotted index, until a searcher adopts it
+        self.pending: list[np.ndarray] = []  # slots written while no searcher was attached (log replay)
         spec = layout(self.capacity, self.key_dim, self.value_dim)
         # scratch buffers reused by every update (no page faults, and counted in nbytes())
         self._aged, self._scores, self._part, self._noise = (np.empty(*spec[n]) for n in SCRATCH_ARRAYS)
 
     @classmethod
-    def fresh(cls, name: str, capacity: int, key_dim: int, value_dim: int, seed: int) -> Memory:
-        """A new memory as PROTOCOL.md `create` defines it."""
-        values = np.full((capacity, value_dim), 1.0 / value_dim, np.float32)
+    def fresh(cls, name: str, capacity: int, key_dim: int, value_dim: int, seed: int,
+              value_dtype: str = "float32") -> Memory:
+        """A new memory as PROTOCOL.md `create` defines it (values held as `value_dtype`)."""
+        values = np.full((capacity, value_dim), 1.0 / value_dim, np.dtype(value_dtype))
         negent = np.full(capacity, rules.negentropy(values[:1])[0])
         return cls(name, initial_keys(capacity, key_dim, seed), values, np.zeros(capacity, np.float32),
                    np.full(capacity, -1, np.int64), np.zeros(capacity, bool), seed=seed, negent=negent)
@@ -170,7 +177,7 @@ class Memory:
     def nbytes(self) -> int:
         """Every byte this memory holds: arrays, scratch, idempotency window, searcher, object overhead."""
         searcher = self.searcher.nbytes() if self.searcher is not None else 0
-        held = arrays_nbytes(*self.shape) + searcher + OBJECT_BYTES
+        held = arrays_nbytes(*self.shape, self.values.dtype.name) + searcher + OBJECT_BYTES
         return max(MIN_MEMORY_BYTES, held) + self.window_bytes
 
     # ---- reads -------------------------------------------------------------------------------
@@ -193,8 +200,9 @@ class Memory:
         return out
 
     def gather(self, field: str, slots: np.ndarray) -> np.ndarray:
-        """A protocol array gathered at `slots` (a fresh copy)."""
-        return getattr(self, field)[slots]
+        """A protocol array gathered at `slots` (a fresh copy; values as float32 whatever they are held as)."""
+        out = getattr(self, field)[slots]
+        return out.astype(np.float32) if field == "values" and out.dtype != np.float32 else out
 
     def row_bytes(self, fields: Any) -> int:
         """Bytes per gathered slot of the protocol arrays named in `fields`."""
@@ -284,13 +292,15 @@ class Memory:
 
     def prepare(self, effect: UpdateEffect | PutEffect) -> tuple[Any, ...]:
         """Every allocation `commit` needs (a failure here leaves the memory untouched)."""
+        # negent of the values as held (float16 rounds them), so KL is computed from one consistent p
+        held = self.values.dtype
         if isinstance(effect, UpdateEffect):
             ms = effect.miss_slots
             entry = WindowEntry(effect.version, np.array(effect.hit, bool), effect.row_slots.astype(np.int32))
             n_hit = int(np.count_nonzero(effect.hit))
-            return ms, rules.negentropy(effect.miss_values), self._fresh_count(ms), entry, n_hit
+            return ms, rules.negentropy(effect.miss_values.astype(held)), self._fresh_count(ms), entry, n_hit
         ws = effect.slots
-        return ws, rules.negentropy(effect.values), self._fresh_count(ws), WindowEntry(effect.version), 0
+        return ws, rules.negentropy(effect.values.astype(held)), self._fresh_count(ws), WindowEntry(effect.version), 0
 
     def _fresh_count(self, slots: np.ndarray) -> int:
         return int(np.unique(slots[~self.written[slots]]).size)
@@ -320,6 +330,8 @@ class Memory:
         self._remember(effect.req_id, entry)
         if self.searcher is not None:
             self.searcher.keys_written(ws)
+        else:
+            self.pending.append(np.array(ws, np.int64))
 
     def apply(self, effect: UpdateEffect | PutEffect) -> None:
         """check + prepare + commit (WAL replay and tests)."""
@@ -342,7 +354,7 @@ class Memory:
 
     def export(self) -> list[tuple[str, np.ndarray]]:
         """Copies of the four protocol arrays (copies: replies are sent after later writes)."""
-        return [("keys", self.keys.copy()), ("values", self.values.copy()), ("ages", self.ages.copy()),
+        return [("keys", self.keys.copy()), ("values", self.values.astype(np.float32)), ("ages", self.ages.copy()),
                 ("item_ids", self.item_ids.copy())]
 
 
@@ -350,8 +362,13 @@ class MemoryStore:
     """All named memories of one server, their search backend and the limits on their number and bytes."""
 
     def __init__(self, backend: str = "faiss-cpu", max_memory_bytes: int | None = None,
-                 max_memories: int = DEFAULT_MAX_MEMORIES) -> None:
+                 max_memories: int = DEFAULT_MAX_MEMORIES, index: IndexOptions | None = None,
+                 value_dtype: str = "float32") -> None:
+        if value_dtype not in VALUE_DTYPE_CHOICES:
+            raise ValueError(f"unknown value dtype {value_dtype!r}; choose one of {VALUE_DTYPE_CHOICES}")
         self.backend = backend
+        self.index = index or IndexOptions()
+        self.value_dtype = value_dtype
         self.max_memory_bytes = max_memory_bytes
         self.max_memories = max_memories
         self.memories: dict[str, Memory] = {}
@@ -373,7 +390,7 @@ class MemoryStore:
 
     def planned(self, mem: Memory) -> int:
         """A memory's bytes without its window (fixed for its lifetime)."""
-        return planned_nbytes(*mem.shape, self.backend)
+        return planned_nbytes(*mem.shape, self.backend, self.index, mem.values.dtype.name)
 
     def check_create(self, name: str, capacity: int, key_dim: int, value_dim: int) -> None:
         """TooLarge when a new memory of this shape would pass --max-memories or --max-memory-bytes."""
@@ -382,7 +399,7 @@ class MemoryStore:
         if len(self.memories) >= self.max_memories:
             raise TooLarge(f"create {name!r}: the server holds {len(self.memories)} memories, "
                            f"--max-memories is {self.max_memories}", limit="memories")
-        need = planned_nbytes(capacity, key_dim, value_dim, self.backend)
+        need = planned_nbytes(capacity, key_dim, value_dim, self.backend, self.index, self.value_dtype)
         held = self.total_nbytes()
         if self.max_memory_bytes is not None and held + need > self.max_memory_bytes:
             raise TooLarge(f"create {name!r} needs {need} bytes (arrays, scratch, search structures); with the "
@@ -403,8 +420,10 @@ class MemoryStore:
         return CreateEffect(name, capacity, key_dim, value_dim, seed)
 
     def attach(self, mem: Memory) -> None:
-        """Give `mem` a searcher of the store's backend."""
-        mem.searcher = make_searcher(self.backend, mem.keys)
+        """Give `mem` a searcher of the store's backend (adopting a snapshotted index and replayed writes)."""
+        pending = np.concatenate(mem.pending) if mem.pending else None
+        mem.searcher = make_searcher(self.backend, mem.keys, self.index, mem.written, mem.index_state, pending)
+        mem.index_state, mem.pending = None, []
 
     def add(self, mem: Memory) -> None:
         """Insert a loaded memory (snapshot recovery)."""
@@ -449,7 +468,8 @@ class MemoryStore:
     def prepare(self, effect: Effect) -> Any:
         """Every allocation of applying a checked effect; a failure here changes nothing."""
         if isinstance(effect, CreateEffect):
-            mem = Memory.fresh(effect.name, effect.capacity, effect.key_dim, effect.value_dim, effect.seed)
+            mem = Memory.fresh(effect.name, effect.capacity, effect.key_dim, effect.value_dim, effect.seed,
+                               self.value_dtype)
             if self.attach_searchers:
                 self.attach(mem)
             return mem
