@@ -5,6 +5,12 @@ Every call has a deadline: each attempt waits `timeout_ms`, a timed-out attempt 
 retried after a lost reply is answered from the server's idempotency window instead of applied twice.
 `busy` replies are retried with exponential backoff (5 ms doubling to 500 ms) within the same total
 budget, (retries + 1) * timeout_ms. Reconnection after a server restart is automatic. Never hangs.
+
+`update_async` / `query_async` send without waiting and return a PendingReply, collected later with
+`.result()` (the same retries, deadline and errors as the blocking call). At most one request is in
+flight per client: any later call first collects the pending one, so requests take effect in the order
+they were made even when the server answers `busy`, and an in-flight error surfaces at the latest on
+the next call, after waiting no longer than that request's own deadline.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ from .protocol import (
 )
 
 __all__ = [
-    "MemoryClient", "MemoryUnavailable", "CurveKeys", "MemoryServerError", "BadRequest", "UnsupportedVersion",
+    "MemoryClient", "MemoryUnavailable", "PendingReply", "CurveKeys", "MemoryServerError", "BadRequest", "UnsupportedVersion",
     "UnknownOp", "NoSuchMemory", "Exists", "BadShape", "BadDtype", "BadValue", "TooLarge", "Busy", "Internal",
 ]
 
@@ -93,6 +99,57 @@ def _ints(x: Any, name: str) -> np.ndarray:
     return a.astype(np.int64, copy=False)
 
 
+def _query_request(q, k, targets, fields) -> tuple[dict[str, Any], list[tuple[str, np.ndarray]]]:
+    args: dict[str, Any] = {"k": int(k)}
+    if fields:
+        args["fields"] = list(fields)
+    arrays = [("q", _floats(q))]
+    if targets is not None:
+        arrays.append(("targets", _floats(targets)))
+    return args, arrays
+
+
+def _update_request(q, v, threshold, age_noise, seed, item_ids) -> tuple[dict[str, Any], list[tuple[str, np.ndarray]]]:
+    args: dict[str, Any] = {"threshold": float(threshold), "age_noise": float(age_noise)}
+    if seed is not None:
+        args["seed"] = int(seed)
+    arrays = [("q", _floats(q)), ("v", _floats(v))]
+    if item_ids is not None:
+        arrays.append(("item_ids", _ints(item_ids, "item_ids")))
+    return args, arrays
+
+
+class PendingReply:
+    """The reply to a request sent without waiting; `result()` returns it or raises its error (once
+    collected, the same value or error on every later call)."""
+
+    def __init__(self, collect=None) -> None:
+        self._collect = collect
+        self._value: dict[str, Any] | None = None
+        self._error: BaseException | None = None
+
+    @classmethod
+    def done(cls, value: dict[str, Any] | None = None, error: BaseException | None = None) -> PendingReply:
+        pending = cls()
+        pending._value, pending._error = value, error
+        return pending
+
+    @property
+    def collected(self) -> bool:
+        return self._collect is None
+
+    def result(self) -> dict[str, Any]:
+        if self._collect is not None:
+            collect, self._collect = self._collect, None
+            try:
+                self._value = collect()
+            except BaseException as exc:  # kept, so a second result() raises the same error
+                self._error = exc
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
 class MemoryApi:
     """The op methods shared by MemoryClient and local.InProcessMemory; subclasses implement `_call`."""
 
@@ -130,25 +187,36 @@ class MemoryApi:
     def query(self, q: np.ndarray, k: int, targets: np.ndarray | None = None, fields: Sequence[str] = (),
               memory: str | None = None) -> dict[str, Any]:
         """Top-k: 'slots' [B,k] i64, 'sims' [B,k] f32, each field gathered, 'kl' [B,k] with targets, 'version'."""
-        args: dict[str, Any] = {"k": int(k)}
-        if fields:
-            args["fields"] = list(fields)
-        arrays = [("q", _floats(q))]
-        if targets is not None:
-            arrays.append(("targets", _floats(targets)))
+        args, arrays = _query_request(q, k, targets, fields)
         return self._result("query", args, arrays, memory)
 
     def update(self, q: np.ndarray, v: np.ndarray, threshold: float, age_noise: float = 0.0,
                seed: int | None = None, item_ids: np.ndarray | None = None, memory: str | None = None,
                request_id: str | int | None = None) -> dict[str, Any]:
         """Apply the update rule: 'hit' [B] bool, 'slots' [B] i64, 'version'. `request_id` = idempotency key."""
-        args: dict[str, Any] = {"threshold": float(threshold), "age_noise": float(age_noise)}
-        if seed is not None:
-            args["seed"] = int(seed)
-        arrays = [("q", _floats(q)), ("v", _floats(v))]
-        if item_ids is not None:
-            arrays.append(("item_ids", _ints(item_ids, "item_ids")))
+        args, arrays = _update_request(q, v, threshold, age_noise, seed, item_ids)
         return self._result("update", args, arrays, memory, request_id)
+
+    def _start(self, op: str, args: dict | None, arrays: Sequence, memory: str | None, req_id: Any = None
+               ) -> PendingReply:
+        """Begin a call; the base class runs it at once (an in-process engine has nothing to overlap)."""
+        try:
+            return PendingReply.done(self._result(op, args, arrays, memory, req_id))
+        except MemoryServerError as exc:
+            return PendingReply.done(error=exc)
+
+    def query_async(self, q: np.ndarray, k: int, targets: np.ndarray | None = None, fields: Sequence[str] = (),
+                    memory: str | None = None) -> PendingReply:
+        """`query` without waiting: `.result()` of the returned PendingReply is query's return value."""
+        args, arrays = _query_request(q, k, targets, fields)
+        return self._start("query", args, arrays, memory if memory is not None else self.memory)
+
+    def update_async(self, q: np.ndarray, v: np.ndarray, threshold: float, age_noise: float = 0.0,
+                     seed: int | None = None, item_ids: np.ndarray | None = None, memory: str | None = None,
+                     request_id: str | int | None = None) -> PendingReply:
+        """`update` without waiting: `.result()` of the returned PendingReply is update's return value."""
+        args, arrays = _update_request(q, v, threshold, age_noise, seed, item_ids)
+        return self._start("update", args, arrays, memory if memory is not None else self.memory, request_id)
 
     def get(self, slots: np.ndarray, memory: str | None = None) -> dict[str, Any]:
         """'keys', 'values', 'ages', 'item_ids' at `slots`, and 'version'."""
@@ -218,6 +286,7 @@ class MemoryClient(MemoryApi):
         self.last_request_id: Any = None
         self.busy_retries = 0  # busy replies retried so far (for the caller's metrics)
         self.timeouts = 0  # attempts that timed out and were resent
+        self._pending: PendingReply | None = None  # the request sent without waiting, not yet collected
 
     def _connect(self) -> zmq.Socket:
         sock = self._ctx.socket(zmq.DEALER)
@@ -255,8 +324,29 @@ class MemoryClient(MemoryApi):
 
     def _call(self, op: str, args: dict[str, Any] | None, arrays: Sequence[tuple[str, np.ndarray]],
               memory: str | None, req_id: Any = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        return self._send(op, args, arrays, memory, req_id)()
+
+    def _start(self, op: str, args: dict | None, arrays: Sequence, memory: str | None, req_id: Any = None
+               ) -> PendingReply:
+        collect = self._send(op, args, arrays, memory, req_id)
+        pending = PendingReply(lambda: _merge(*collect()))
+        self._pending = pending
+        return pending
+
+    def collect_pending(self) -> None:
+        """Wait for the request still in flight, if any (its error, if any, is raised here)."""
+        pending, self._pending = self._pending, None
+        if pending is not None and not pending.collected:  # an error the caller already collected stays theirs
+            pending.result()
+
+    def _send(self, op: str, args: dict[str, Any] | None, arrays: Sequence[tuple[str, np.ndarray]],
+              memory: str | None, req_id: Any = None):
+        """Send the first attempt now; returns the function that waits for (and retries) the reply."""
         if self._ctx is None:
             raise MemoryUnavailable(f"client for {self.endpoint} is closed")
+        # One request in flight: the previous one completes (or raises) before this one is sent, so a
+        # `busy` retry of an earlier update can never land behind a later query.
+        self.collect_pending()
         req_id = f"{self._prefix}-{next(self._ids)}" if req_id is None else req_id
         if not valid_request_id(req_id):
             # The server could not echo such an id, so its error reply would never match: refuse it here.
@@ -266,16 +356,26 @@ class MemoryClient(MemoryApi):
         frames = encode_frames(request_header(op, req_id, memory, args), arrays)
         t0 = time.monotonic()
         budget_end = t0 + (self.retries + 1) * self.timeout_ms / 1000
+        sent = self._send_attempt(frames)
+        return lambda: self._collect(op, req_id, frames, t0, budget_end, sent)
+
+    def _send_attempt(self, frames) -> float | None:
+        """Send once; the attempt's start time, or None when the send itself timed out."""
+        sock = self._sock or self._connect()
+        try:
+            sock.send_multipart(frames, copy=False)
+        except zmq.Again:
+            return None
+        return time.monotonic()
+
+    def _collect(self, op: str, req_id: Any, frames, t0: float, budget_end: float, sent: float | None
+                 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         timeouts = 0
         backoff = _BUSY_BACKOFF_S[0]
         while True:
-            sock = self._sock or self._connect()
             got = None
-            try:
-                sock.send_multipart(frames, copy=False)
-                got = self._await(req_id, min(time.monotonic() + self.timeout_ms / 1000, budget_end + 0.001))
-            except zmq.Again:
-                pass
+            if sent is not None:
+                got = self._await(req_id, min(sent + self.timeout_ms / 1000, budget_end + 0.001))
             if got is None:
                 timeouts += 1
                 self.timeouts += 1
@@ -285,6 +385,7 @@ class MemoryClient(MemoryApi):
                         f"no reply from {self.endpoint} to '{op}' (id {req_id!r}) after {timeouts} attempt(s) "
                         f"in {time.monotonic() - t0:.2f} s (timeout_ms={self.timeout_ms}, retries={self.retries})"
                     )
+                sent = self._send_attempt(frames)
                 continue
             header, array_frames = got
             if header.get("ok") is True:
@@ -302,11 +403,14 @@ class MemoryClient(MemoryApi):
                     self.busy_retries += 1
                     time.sleep(backoff)
                     backoff = min(2 * backoff, _BUSY_BACKOFF_S[1])
+                    sent = self._send_attempt(frames)
                     continue
             raise exc
 
     def close(self) -> None:
-        """Close the socket (linger 0) and the context; later calls raise MemoryUnavailable."""
+        """Close the socket (linger 0) and the context; later calls raise MemoryUnavailable. A request
+        still in flight is abandoned (collect it first to know its outcome)."""
+        self._pending = None
         self._reset()
         if self._ctx is not None:
             self._ctx.term()
@@ -323,6 +427,10 @@ class MemoryClient(MemoryApi):
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown may have torn zmq down already
             pass
+
+
+def _merge(result: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    return {**arrays, **result}
 
 
 def as_wire_arrays(arrays: Sequence[tuple[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -54,7 +54,7 @@ def networks(with_sampler: bool = True):
 def memory_parts(tmp_path):
     torch.manual_seed(0)
     extractor = MemoryExtractor(ExtractorConfig(backbone="resnet18-scratch", dim=DIM, resnet_width=1))
-    memory = TrainerMemory(MemoryConfig(address="inproc", capacity=16), tmp_path, rank=0)
+    memory = TrainerMemory(MemoryConfig(address="inproc", capacity=16, pipeline=False), tmp_path, rank=0)
     memory.ensure(16, DIM, NUM_BINS, seed=0)
     return extractor, torch.optim.Adam(extractor.parameters(), lr=1e-3), memory
 
@@ -67,7 +67,7 @@ def test_memory_step_learns_and_writes_every_miss(acc, tmp_path):
     assert all(np.isfinite(v) for v in scalars.values())
     # Threshold 0: no neighbour is a positive and no update a hit; every row takes a slot of its own.
     assert scalars["mem/hit_rate"] == 0.0 and scalars["mem/positive_rate"] == 0.0
-    assert set(timings) == {"forward", "memory_rpc", "backward"} and min(timings.values()) >= 0.0
+    assert set(timings) == {"forward", "update_forward", "memory_rpc", "backward"} and min(timings.values()) >= 0.0
     exported = memory.export()
     assert sorted(exported["item_ids"][exported["item_ids"] >= 0].tolist()) == [100, 101, 102, 103]
     assert exported["version"] == 1 and memory.calls == {"query": 1, "update": 1}

@@ -148,11 +148,15 @@ class Phase1Config(_Section):
     # After phase 1, write every training image once with the final extractor: keys written during
     # training came from earlier extractor states and drift away from test-time queries.
     reindex: bool = False
+    # The keys an update writes: "post_step" recomputes the extractor after the optimizer step (a second
+    # forward); "pre_step" reuses the step's own queries (MemoPainter's choice). docs/PERFORMANCE.md.
+    update_query: str = "post_step"
 
     def validate(self, path: str) -> None:
         if self.steps < 0:
             raise ConfigError(f"{path}.steps must be >= 0, got {self.steps}")
         _positive(self, path, "lr", "k")
+        _choice(self, path, "update_query", ("post_step", "pre_step"))
         if isinstance(self.threshold, str) and self.threshold != "auto":
             raise ConfigError(f"{path}.threshold must be a number of nats or 'auto', got {self.threshold!r}")
         if (not isinstance(self.threshold, str) and self.threshold < 0) or self.age_noise < 0 or self.val_every < 0:
@@ -211,6 +215,9 @@ class MemoryConfig(_Section):
     timeout_ms: int = 30000
     retries: int = 3
     durability: str = "always"  # embedded server only
+    # Send each phase-1 update without waiting for its reply (collected before the next query, so the
+    # memory is the same bit for bit); false: wait for every reply, as before.
+    pipeline: bool = True
 
     def validate(self, path: str) -> None:
         _positive(self, path, "capacity", "timeout_ms")
@@ -247,8 +254,8 @@ RESUMABLE_KEYS = (
     "phase1.steps", "phase2.steps", "phase1.val_every", "run.checkpoint_every", "run.log_every",
     "run.sample_every", "run.keep_checkpoints", "run.out_dir", "run.collective_timeout_s",
     "run.check_ddp_every_log", "data.workers", "data.cache_mb", "data.train", "data.val", "memory.address",
-    "memory.timeout_ms", "memory.retries", "metrics.port", "retrieval.k", "retrieval.temperature",
-    "retrieval.mix", "retrieval.flip",
+    "memory.pipeline", "memory.timeout_ms", "memory.retries", "metrics.port", "retrieval.k",
+    "retrieval.temperature", "retrieval.mix", "retrieval.flip",
 )
 # Keys that fix the shape of a saved model: a change on resume is an error. Every network option is one.
 # (model.use_memory changes what G is fed, not any shape: ablations may start from a shared phase 1.)

@@ -164,6 +164,10 @@ class Runner:
         t_data = time.perf_counter() - t0
         if phase == 1:
             scalars, timings = memory_step(self.ctx, self.extractor, self.opt_m, batch, self.memory, step)
+            if step + 1 == self.cfg.phase1.steps:  # phase 1's last pipelined update: its hits belong here
+                last = self.memory.take_update()
+                if last is not None:
+                    self.stats.report("mem/hit_rate", float(np.mean(last["hit"])))
             if self.main and sum(x.shape[0] for x in self.phase1_probe) < PROBE_IMAGES:
                 self.phase1_probe.append(batch["light"][:8].detach().cpu())
         else:
@@ -301,8 +305,10 @@ class Runner:
 
     def write_summary(self, result: dict[str, Any]) -> None:
         """run_summary.json: per-rank memory traffic, DDP consistency, where the run started and ended."""
+        self.memory.take_update()  # a run that stopped mid phase 1 still counts its last update
         mine = {"rank": self.rank, "pid": os.getpid(), "memory_queries": self.memory.calls["query"],
-                "memory_updates": self.memory.calls["update"]}
+                "memory_updates": self.memory.calls["update"], "memory_update_hits": self.memory.written["hits"],
+                "memory_update_misses": self.memory.written["misses"]}
         ranks = gather_object([mine]) if self.world > 1 else [mine]
         diff = max_param_diff(self._modules(), self.acc.device)
         if self.main:

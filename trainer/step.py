@@ -39,16 +39,32 @@ def _sync_time(device: torch.device) -> float:
 
 def memory_step(ctx: StepContext, extractor: nn.Module, opt: torch.optim.Optimizer, batch: dict,
                 memory, step: int) -> tuple[dict[str, float], dict[str, float]]:
-    """Phase 1: circle loss of the query against its top-k memory keys, then the memory update."""
+    """Phase 1: circle loss of the query against its top-k memory keys, then the memory update.
+
+    The update is submitted through `memory.submit_update`: with memory.pipeline its reply is collected
+    by the next step, so `mem/hit_rate` is then the previous update's (absent on a run's first step).
+    phase1.update_query picks the update's keys: recomputed after the optimizer step (post_step) or
+    this step's queries (pre_step, sent before the backward so it overlaps it too).
+    """
     acc = ctx.accelerator
     device = acc.device
     light, target = batch["light"], batch["color_feature"]
     t0 = _sync_time(device)
     query = extractor(light)  # [B, 512] unit rows, with grad
     q_np = query.detach().float().cpu().numpy()
+    target_np = target.cpu().numpy()
     t1 = time.perf_counter()
+    previous = memory.take_update()  # the last step's pipelined update: lands before this query is sent
     # Top-k selection and the KL labelling stay on the server; only the keys the loss needs come back.
-    reply = memory.query(q_np, k=ctx.phase1.k, targets=target.cpu().numpy(), fields=("keys",))
+    reply = memory.query(q_np, k=ctx.phase1.k, targets=target_np, fields=("keys",))
+    # Ages advance once per update request, so N ranks age the memory N times per global step: the
+    # noise, measured in those units, scales with the world size (SYSTEMS.md 1.4, hazard C3).
+    update = dict(threshold=ctx.phase1.threshold, age_noise=ctx.phase1.age_noise * ctx.world_size,
+                  seed=(ctx.seed * 1_000_003 + step * 1009 + acc.process_index) % (2**63),
+                  item_ids=batch["item_id"].cpu().numpy())
+    pre_step = ctx.phase1.update_query == "pre_step"
+    if pre_step:
+        memory.submit_update(q_np, target_np, **update)
     t2 = time.perf_counter()
     keys = torch.from_numpy(reply["keys"]).to(device)  # [B, k, 512], constants
     positive = torch.from_numpy(reply["kl"] < ctx.phase1.threshold).to(device)  # [B, k]
@@ -58,25 +74,26 @@ def memory_step(ctx: StepContext, extractor: nn.Module, opt: torch.optim.Optimiz
     acc.backward(loss_m)
     opt.step()
     t3 = _sync_time(device)
-    with torch.no_grad():
-        new_query = extractor(light).float().cpu().numpy()
-    # Ages advance once per update request, so N ranks age the memory N times per global step: the
-    # noise, measured in those units, scales with the world size (SYSTEMS.md 1.4, hazard C3).
-    update_seed = (ctx.seed * 1_000_003 + step * 1009 + acc.process_index) % (2**63)
-    t4 = time.perf_counter()
-    upd = memory.update(new_query, target.cpu().numpy(), threshold=ctx.phase1.threshold,
-                        age_noise=ctx.phase1.age_noise * ctx.world_size, seed=update_seed,
-                        item_ids=batch["item_id"].cpu().numpy())
+    t4 = t3
+    if not pre_step:
+        with torch.no_grad():
+            new_query = extractor(light).float().cpu().numpy()
+        t4 = time.perf_counter()
+        memory.submit_update(new_query, target_np, **update)
     t5 = time.perf_counter()
+    upd = memory.take_update() if not memory.cfg.pipeline else previous
+    t6 = time.perf_counter()
     valid = positive.any(1) & (~positive).any(1)
     scalars = {
         "loss/m": float(loss_m.detach()),
-        "mem/hit_rate": float(np.mean(upd["hit"])),
         "mem/positive_rate": float(positive.float().mean()),
         "mem/valid_queries": float(valid.float().mean()),
         "mem/top1_sim": float(reply["sims"][:, 0].mean()),
     }
-    timings = {"forward": t1 - t0 + (t4 - t3), "memory_rpc": (t2 - t1) + (t5 - t4), "backward": t3 - t2}
+    if upd is not None:
+        scalars["mem/hit_rate"] = float(np.mean(upd["hit"]))
+    timings = {"forward": t1 - t0, "update_forward": t4 - t3, "memory_rpc": (t2 - t1) + (t5 - t4) + (t6 - t5),
+               "backward": t3 - t2}
     return scalars, timings
 
 

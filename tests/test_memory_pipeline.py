@@ -1,0 +1,124 @@
+"""Phase 1 with the memory off the critical path: MemoryClient's update_async / query_async and the
+trainer's pipelined updates (memory.pipeline), against a real memory server process on loopback."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import zmq
+from accelerate import Accelerator
+from memserver_helpers import running_server
+
+from memory_server.client import BadShape, MemoryClient, MemoryUnavailable
+from pccnet.color import NUM_BINS
+from pccnet.config import ExtractorConfig
+from pccnet.extractor import MemoryExtractor
+from trainer.config import LossConfig, MemoryConfig, Phase1Config
+from trainer.memory import TrainerMemory
+from trainer.step import StepContext, memory_step
+
+pytestmark = pytest.mark.integration
+
+SIZE, B, DIM, CAPACITY = 16, 4, 8, 12
+
+
+def unit_rows(n: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((n, dim)).astype(np.float32)
+    v = rng.random((n, NUM_BINS)).astype(np.float32) + 0.01
+    return q / np.linalg.norm(q, axis=1, keepdims=True), v / v.sum(1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with running_server(None, durability="none") as proc:
+        yield proc
+
+
+def test_async_update_is_seen_by_the_next_query(server):
+    with MemoryClient(server.endpoint, memory="async") as client:
+        client.create(capacity=4, key_dim=DIM, value_dim=NUM_BINS, seed=0)
+        q, v = unit_rows(2, DIM, 1)
+        pending = client.update_async(q, v, threshold=0.0, item_ids=np.array([7, 8]))
+        assert not pending.collected
+        # Sent after the update without collecting it first: the query still sees both rows written.
+        reply = client.query_async(q, k=1, fields=("item_ids",)).result()
+        assert reply["item_ids"][:, 0].tolist() == [7, 8]
+        assert reply["sims"][:, 0] == pytest.approx([1.0, 1.0], abs=1e-5)
+        upd = pending.result()  # already collected by the query; the same reply on every call
+        assert upd["hit"].tolist() == [False, False] and upd is pending.result()
+        assert reply["version"] == upd["version"] == 1
+
+
+def test_an_in_flight_error_surfaces_on_the_next_call(server):
+    with MemoryClient(server.endpoint, memory="async-err") as client:
+        client.create(capacity=4, key_dim=DIM, value_dim=NUM_BINS)
+        q, v = unit_rows(2, DIM + 1, 2)  # the wrong key width
+        pending = client.update_async(q, v, threshold=0.0)
+        with pytest.raises(BadShape):
+            client.info()  # the next call raises the update's error, before it sends anything
+        with pytest.raises(BadShape):
+            pending.result()
+        assert client.info(memory="async-err")["filled"] == 0  # and the client goes on working
+
+
+def test_an_unanswered_update_fails_within_its_deadline():
+    """A peer that accepts requests and never answers: the pending update raises MemoryUnavailable
+    (after its retries), on result() and not later than the next call."""
+    ctx = zmq.Context()
+    sink = ctx.socket(zmq.ROUTER)
+    sink.setsockopt(zmq.LINGER, 0)
+    port = sink.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        client = MemoryClient(f"tcp://127.0.0.1:{port}", timeout_ms=150, retries=1)
+        q, v = unit_rows(1, DIM, 3)
+        client.update_async(q, v, threshold=0.0)
+        assert sink.poll(20_000)  # the request left without waiting for anything
+        with pytest.raises(MemoryUnavailable, match="'update'.*2 attempt"):
+            client.ping()  # the next call first collects the update, which has run out of attempts
+        client.close()
+    finally:
+        sink.close(0)
+        ctx.term()
+
+
+def _phase1(tmp_path, pipeline: bool, update_query: str = "post_step", steps: int = 5) -> tuple[dict, dict]:
+    """`steps` real memory_steps of a tiny extractor against an embedded server; the export and hits."""
+    acc = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    extractor = MemoryExtractor(ExtractorConfig(backbone="resnet18-scratch", dim=DIM, resnet_width=1))
+    opt = torch.optim.Adam(extractor.parameters(), lr=1e-2)
+    memory = TrainerMemory(MemoryConfig(address=None, capacity=CAPACITY, durability="none", pipeline=pipeline),
+                           tmp_path / ("on" if pipeline else "off"), rank=0)
+    ctx = StepContext(accelerator=acc, loss=LossConfig(), use_memory=True, world_size=1, seed=3,
+                      phase1=Phase1Config(k=4, threshold=0.8, age_noise=2.0, update_query=update_query))
+    try:
+        memory.ensure(CAPACITY, DIM, NUM_BINS, seed=5)
+        hit_rates = []
+        g = torch.Generator().manual_seed(11)
+        for step in range(steps):
+            batch = {"light": torch.rand(B, 1, SIZE, SIZE, generator=g) * 2 - 1,
+                     "color_feature": torch.softmax(3 * torch.randn(B, NUM_BINS, generator=g), 1),
+                     "item_id": torch.arange(step * B, (step + 1) * B)}
+            scalars, _ = memory_step(ctx, extractor, opt, batch, memory, step)
+            hit_rates.append(scalars.get("mem/hit_rate"))
+        last = memory.take_update()
+        return memory.export(), {"rates": hit_rates, "last": last, "written": dict(memory.written)}
+    finally:
+        memory.close()
+
+
+@pytest.mark.parametrize("update_query", ["post_step", "pre_step"])
+def test_pipelining_leaves_the_memory_bit_for_bit_the_same(tmp_path, update_query):
+    off, off_hits = _phase1(tmp_path, pipeline=False, update_query=update_query)
+    on, on_hits = _phase1(tmp_path, pipeline=True, update_query=update_query)
+    assert off["version"] == on["version"] == 5
+    for name in ("keys", "values", "ages", "item_ids"):
+        assert off[name].tobytes() == on[name].tobytes(), name
+    assert 0 < int((on["item_ids"] >= 0).sum()) <= CAPACITY
+    # The pipelined run reports each update's hit rate one step late; the last comes from take_update().
+    assert on_hits["rates"][0] is None and off_hits["last"] is None
+    assert on_hits["rates"][1:] == off_hits["rates"][:-1]
+    assert float(np.mean(on_hits["last"]["hit"])) == off_hits["rates"][-1]
+    assert on_hits["written"] == off_hits["written"] and sum(on_hits["written"].values()) == 5 * B
