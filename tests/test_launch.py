@@ -68,11 +68,11 @@ def test_demo_crops_and_comparison_sheet(tmp_path):
 
 
 def _fake_shared(root: Path) -> Path:
-    """The shared data layout with two tiny images per split list."""
+    """The shared data layout with two tiny images per split list (20 where a validation split is cut from it)."""
     rng = np.random.default_rng(0)
     for split in prepare_shared_data._splits():
         (root / split.root).mkdir(parents=True, exist_ok=True)
-        names = [f"{split.name}_{split.prefix}_{i}.png" for i in range(2)]
+        names = [f"{split.name}_{i}.png" for i in range(2 if split.take == "all" else prepare_shared_data.VAL_EVERY)]
         for name in names:
             Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(root / split.root / name)
         (root / split.list_file).write_text("\n".join(names) + "\n")
@@ -84,7 +84,7 @@ def test_prepare_shared_data_builds_every_split_then_only_checks(tmp_path, capsy
     out = tmp_path / "shards"
     assert prepare_shared_data.prepare(shared, out, workers=0, force=False) == 0
     table = capsys.readouterr().out.splitlines()
-    assert len(table) == 1 + 8 and all(" built " in line for line in table[1:])
+    assert len(table) == 1 + len(prepare_shared_data._splits()) and all(" built " in line for line in table[1:])
     manifest = json.loads((out / "pokemon_every10" / "train-manifest.json").read_text())
     assert manifest["total"] == 2 and (out / "pokemon_every10" / "train-000000.tar").is_file()
     assert prepare_shared_data.prepare(shared, out, workers=0, force=False) == 0
