@@ -10,6 +10,8 @@ With `memory.address: null` rank 0 starts an embedded memory server inside run.o
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
 from launch.common import report_errors
@@ -32,5 +34,16 @@ def main(argv: list[str] | None = None) -> int:
                          (ConfigError, DataError, CheckpointError))
 
 
+def _exit(code: int) -> None:
+    """Leave a multi-process run without C++ static teardown: gloo threads still alive there abort the
+    process (SIGABRT, "terminate called without an active exception") after the run finished and saved."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

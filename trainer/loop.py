@@ -9,6 +9,7 @@ and how it is read back is trainer.checkpoint's; retrieval is trainer.retrieval'
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -383,11 +384,15 @@ def run(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
         runner.setup()
         result = runner.run()
         runner.write_summary(result)
-        return result
     finally:
         runner.close()
+        # The DDP wrappers and the Accelerator hold the gloo process group: freed only at interpreter
+        # exit, its worker threads were sometimes destroyed still joinable (SIGABRT after "done").
+        runner = None
+        gc.collect()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+    return result
 
 
 def train(config: str | Path | None, overrides: list[str] | tuple[str, ...] = (), resume: str | None = "auto"
