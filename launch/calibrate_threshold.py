@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.images < 2:
         parser.error(f"--images must be at least 2, got {args.images}")
 
-    from trainer.config import load_config
     from trainer.calibrate import calibrate_threshold, calibration_report
+    from trainer.config import load_config
 
     return report_errors(lambda: print(calibration_report(calibrate_threshold(
         load_config(args.config, args.overrides), args.images, args.positive_rate))), (ValueError,))

@@ -52,25 +52,23 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def phase1_name(cfg, extractor: str) -> str:
     """The memory depends on the backbone and on delta_1; a changed threshold trains a new one."""
-    return f"phase1-{extractor}-t{cfg.phase1.threshold:g}"
+    t = cfg.phase1.threshold
+    return f"phase1-{extractor}-t{t if isinstance(t, str) else format(t, 'g')}"
 
 
 def train_phase1(cfg_path: str, cfg, root: Path, name: str, extra: list[str], log: Path) -> Path:
     out = root / name
     ckpt = latest_checkpoint(out)
     if ckpt is None or int(ckpt.name.split("-")[1]) < cfg.phase1.steps:
-        run("train", ["--config", cfg_path, f"run.out_dir={out}", "phase2.steps=0",
-                      f"run.checkpoint_every={cfg.phase1.steps}", *extra], log)
+        # The phase-1 settings come last: an override of phase2.steps must not make this run train phase 2.
+        run("train", ["--config", cfg_path, f"run.out_dir={out}", *extra, "phase2.steps=0",
+                      f"run.checkpoint_every={cfg.phase1.steps}"], log)
         ckpt = latest_checkpoint(out)
     return ckpt
 
 
 def sample_sheet(cfg, root: Path, out: Path, n_images: int) -> int:
     """One row per test image: gray | each trained row's colorization | ground truth (PNG)."""
-    import numpy as np
-    import torch
-    from PIL import Image, ImageDraw
-
     from pccnet.color import gray_rgb, lab_from_network, lab_to_rgb
     from trainer.data import make_eval_loader
     from trainer.inference import Colorizer
@@ -91,7 +89,19 @@ def sample_sheet(cfg, root: Path, out: Path, n_images: int) -> int:
                 own = col.predict_ab(light, batch["color_feature"][:n_images])
                 columns.append(("PCCNet, own c", lab_to_rgb(lab_from_network(light, own))))
     columns.append(("ground truth", lab_to_rgb(lab_from_network(light, real_ab))))
-    size, pad, head = light.shape[-1] * 2, 4, 28
+    write_sheet(columns, out)
+    print(f"written {out} ({len(columns) - 2} colorized columns, {n_images} test images)")
+    return 0
+
+
+def write_sheet(columns: list, out: Path) -> None:
+    """(label, RGB images [N,3,S,S] in [0,1]) columns -> one PNG, a labelled column each, tiles at 2x."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageDraw
+
+    n_images, side = columns[0][1].shape[0], columns[0][1].shape[-1]
+    size, pad, head = side * 2, 4, 28
     sheet = Image.new("RGB", (len(columns) * (size + pad) + pad, head + n_images * (size + pad)), "white")
     draw = ImageDraw.Draw(sheet)
     for j, (label, rgb) in enumerate(columns):
@@ -103,8 +113,6 @@ def sample_sheet(cfg, root: Path, out: Path, n_images: int) -> int:
             sheet.paste(img, (x, head + i * (size + pad)))
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out)
-    print(f"written {out} ({len(columns) - 2} colorized columns, {n_images} test images)")
-    return 0
 
 
 def backbone_table(cfg_path: str, cfg, root: Path, overrides: list[str], log: Path) -> int:
@@ -130,16 +138,23 @@ def backbone_table(cfg_path: str, cfg, root: Path, overrides: list[str], log: Pa
     return 0
 
 
+def train_row(row: str, cfg_path: str, cfg, root: Path, phase1: Path, overrides: list[str], log: Path) -> Path:
+    """A trained row's phase 2 from the shared phase-1 checkpoint (skipped when done); its latest checkpoint."""
+    ckpt = latest_checkpoint(root / row)
+    if ckpt is None or int(ckpt.name.split("-")[1]) < cfg.phase1.steps + cfg.phase2.steps:
+        # Start from the shared phase-1 checkpoint, or go on from this row's own latest one.
+        start = ["--resume", str(phase1)] if ckpt is None else ["--resume", "auto"]
+        run("train", ["--config", cfg_path, *start, f"run.out_dir={root / row}", *overrides, *ROWS[row][1]], log)
+        ckpt = latest_checkpoint(root / row)
+    return ckpt
+
+
 def score_row(row: str, cfg_path: str, cfg, root: Path, phase1: Path, overrides: list[str], log: Path) -> dict:
     """Train a row (unless done or evaluated from 'full') and score it on data.val; its eval JSON."""
     label, row_overrides = ROWS[row]
     eval_json = root / f"eval-{row}.json"
     if row_overrides is not None:
-        ckpt = latest_checkpoint(root / row)
-        if ckpt is None or int(ckpt.name.split("-")[1]) < cfg.phase1.steps + cfg.phase2.steps:
-            # Start from the shared phase-1 checkpoint, or go on from this row's own latest one.
-            start = ["--resume", str(phase1)] if ckpt is None else ["--resume", "auto"]
-            run("train", ["--config", cfg_path, *start, f"run.out_dir={root / row}", *overrides, *row_overrides], log)
+        train_row(row, cfg_path, cfg, root, phase1, overrides, log)
     # Rows that retrieve are scored with the shared phase-1 memory: phase 2 never reads the memory, so
     # a row trained before delta_1 was recalibrated is re-scored, not retrained, when phase 1 changes.
     retrieves = row in RETRIEVING_ROWS

@@ -72,7 +72,10 @@ def _fake_shared(root: Path) -> Path:
     rng = np.random.default_rng(0)
     for split in prepare_shared_data._splits():
         (root / split.root).mkdir(parents=True, exist_ok=True)
-        names = [f"{split.name}_{i}.png" for i in range(2 if split.take == "all" else prepare_shared_data.VAL_EVERY)]
+        # A list cut into train and val (1 in VAL_EVERY) needs VAL_EVERY names for one val image.
+        n = 2 if split.take == "all" else prepare_shared_data.VAL_EVERY
+        stem = f"{split.name}_{split.prefix}" if split.take == "all" else Path(split.list_file).stem
+        names = [f"{stem}_{i}.png" for i in range(n)]
         for name in names:
             Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(root / split.root / name)
         (root / split.list_file).write_text("\n".join(names) + "\n")
@@ -85,6 +88,7 @@ def test_prepare_shared_data_builds_every_split_then_only_checks(tmp_path, capsy
     assert prepare_shared_data.prepare(shared, out, workers=0, force=False) == 0
     table = capsys.readouterr().out.splitlines()
     assert len(table) == 1 + len(prepare_shared_data._splits()) and all(" built " in line for line in table[1:])
+    assert len((out / "flowers64_fewshot_base" / "val-list.txt").read_text().splitlines()) == 1
     manifest = json.loads((out / "pokemon_every10" / "train-manifest.json").read_text())
     assert manifest["total"] == 2 and (out / "pokemon_every10" / "train-000000.tar").is_file()
     assert prepare_shared_data.prepare(shared, out, workers=0, force=False) == 0

@@ -237,6 +237,26 @@ class MetricsConfig(_Section):
 
 
 @dataclass(frozen=True)
+class FewshotConfig(_Section):
+    """The few-shot scoreboard's data (launch/fewshot.py): files of the form of flowers102/MANIFEST.md's
+    few-shot split, names relative to `images` (relative paths resolve against the working folder)."""
+
+    SECTION = "fewshot"
+    base: str = ""  # base-class training images, one name a line
+    novel: str = ""  # `label<TAB>image` lines (a `label<TAB>image` header is skipped), in exemplar order:
+    # each label's first K images are its exemplars, the images after the largest K its test images
+    images: str = ""  # folder the names of both files are relative to
+    shots: tuple[int, ...] = (1, 5, 10)  # K, exemplars per novel class
+    val_every: int = 20  # every n-th base image is held out as data.val (0: none)
+
+    def validate(self, path: str) -> None:
+        if not self.shots or any(k < 1 for k in self.shots):
+            raise ConfigError(f"{path}.shots must be a non-empty list of integers >= 1, got {list(self.shots)}")
+        if self.val_every < 0 or self.val_every == 1:
+            raise ConfigError(f"{path}.val_every must be 0 or >= 2, got {self.val_every}")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -247,6 +267,7 @@ class TrainConfig:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    fewshot: FewshotConfig = field(default_factory=FewshotConfig)
 
 
 # Keys that only set the length or bookkeeping of a run: they may change on resume.
@@ -255,7 +276,8 @@ RESUMABLE_KEYS = (
     "run.sample_every", "run.keep_checkpoints", "run.out_dir", "run.collective_timeout_s",
     "run.check_ddp_every_log", "data.workers", "data.cache_mb", "data.train", "data.val", "memory.address",
     "memory.pipeline", "memory.timeout_ms", "memory.retries", "metrics.port", "retrieval.k",
-    "retrieval.temperature", "retrieval.mix", "retrieval.flip",
+    "retrieval.temperature", "retrieval.mix", "retrieval.flip", "fewshot.base", "fewshot.novel", "fewshot.images",
+    "fewshot.shots", "fewshot.val_every",
 )
 # Keys that fix the shape of a saved model: a change on resume is an error. Every network option is one.
 # (model.use_memory changes what G is fed, not any shape: ablations may start from a shared phase 1.)
