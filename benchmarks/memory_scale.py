@@ -13,7 +13,7 @@ Keys: 4,096 random unit centers, each key = normalise(center + 0.6 * g / sqrt(dk
 noise (the trainer meeting a training image again, augmented), `fresh` = a new draw of the same
 distribution (an unseen image of a known kind: many slots nearly tie, the hard case for an IVF index).
 
-    python benchmarks/memory_scale.py --quick   # m = 50,000 (about a minute; make bench)
+    python benchmarks/memory_scale.py [--quick] # m = 50,000 (about a minute; make bench)
     python benchmarks/memory_scale.py --full    # m = 1,000,000 (about 10 minutes, ~4 GB RAM, ~8 GB disk)
 """
 
