@@ -43,9 +43,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def worker(endpoint: str, seed: int, rate: float, seconds: float, batch: int, k: int, barrier) -> dict:
+def worker(endpoint: str, seed: int, rate: float, seconds: float, batch: int, k: int, barrier, results) -> None:
     rng = np.random.default_rng(seed)
-    pool = 64  # distinct steps cycled through (keys near a few hundred recurring images)
+    pool = 64  # distinct steps cycled through
     q = rng.standard_normal((pool, batch, DK)).astype(np.float32)
     q /= np.linalg.norm(q, axis=2, keepdims=True)
     v = rng.random((pool, batch, DV)).astype(np.float32) ** 8 + np.float32(1e-6)
@@ -72,18 +72,26 @@ def worker(endpoint: str, seed: int, rate: float, seconds: float, batch: int, k:
             lat_u.append(time.perf_counter() - t)
             steps += 1
         wall = time.perf_counter() - t0
-    return {"steps": steps, "wall": wall, "lat_q": lat_q, "lat_u": lat_u}
+    results.put({"steps": steps, "wall": wall, "lat_q": lat_q, "lat_u": lat_u})
 
 
 def run_n(endpoint: str, pid: int, n: int, rate: float, seconds: float, batch: int, k: int) -> dict:
     ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(n + 1)
-    with ctx.Pool(n) as pool:
-        res = pool.starmap_async(worker, [(endpoint, 1000 * n + i, rate, seconds, batch, k, barrier) for i in range(n)])
+    barrier, results = ctx.Barrier(n + 1), ctx.Queue()  # passed at spawn (a Barrier cannot travel in a task)
+    procs = [ctx.Process(target=worker, args=(endpoint, 1000 * n + i, rate, seconds, batch, k, barrier, results))
+             for i in range(n)]
+    for pr in procs:
+        pr.start()
+    try:
         barrier.wait(timeout=600)  # every worker connected: start the clock with them
         cpu0, t0 = cpu_seconds(pid), time.perf_counter()
-        out = res.get(timeout=seconds + 600)
+        out = [results.get(timeout=seconds + 600) for _ in procs]
         cpu1, wall = cpu_seconds(pid), time.perf_counter() - t0
+    finally:
+        for pr in procs:
+            pr.join(timeout=30)
+            if pr.is_alive():
+                pr.kill()
     lat_q = np.concatenate([r["lat_q"] for r in out]) * 1e3
     lat_u = np.concatenate([r["lat_u"] for r in out]) * 1e3
     steps = sum(r["steps"] for r in out)
