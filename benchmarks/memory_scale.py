@@ -13,7 +13,7 @@ Keys: 4,096 random unit centers, each key = normalise(center + 0.6 * g / sqrt(dk
 noise (the trainer meeting a training image again, augmented), `fresh` = a new draw of the same
 distribution (an unseen image of a known kind: many slots nearly tie, the hard case for an IVF index).
 
-    python benchmarks/memory_scale.py --quick   # m = 50,000 (about a minute; make bench)
+    python benchmarks/memory_scale.py [--quick] # m = 50,000 (about a minute; make bench)
     python benchmarks/memory_scale.py --full    # m = 1,000,000 (about 10 minutes, ~4 GB RAM, ~8 GB disk)
 """
 
@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--full", action="store_true", help="m = 1,000,000")
     p.add_argument("--m", type=int, default=None, help="capacity (overrides --quick/--full)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    p.add_argument("--modes", default="exact,approximate,float16", help="which flag sets (exact is the baseline)")
     args = p.parse_args(argv)
     m = args.m or (1_000_000 if args.full else 50_000)
     reps = 3 if m >= 500_000 else 5
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"built m = {m:,} (dk {DK}, dv {DV}) in {time.perf_counter() - t0:.0f} s", flush=True)
         base_rss = empty_rss(MODES["exact"])
         rows = {}
-        for mode in ("exact", "approximate", "float16"):
+        for mode in ["exact", *[x for x in args.modes.split(",") if x in MODES and x != "exact"]]:
             data = fork_data_dir(tmp / "data", tmp / mode)
             rows[mode] = measure(mode, data, m, sets, reps, base_rss)
             shutil.rmtree(data)
@@ -185,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     ex = rows["exact"]
-    same = rows["float16"]["_kl_slots"] == ex["_kl_slots"]
-    dkl = np.abs(rows["float16"]["_kl"][same].astype(np.float64) - ex["_kl"][same])
+    other = rows.get("float16", ex)
+    same = other["_kl_slots"] == ex["_kl_slots"]
+    dkl = np.abs(other["_kl"][same].astype(np.float64) - ex["_kl"][same])
     print(f"\nm = {m:,}, dk {DK}, dv {DV}, 256-row requests, k = 1, durability always, this machine "
           f"({os.cpu_count()} cores); ratios against exact in this run\n")
     print("| flags | query 256 x k=1 | update 256 | recall@1 near / fresh | snapshot | restart to 1st query "

@@ -1,6 +1,7 @@
 """`make bench`: every benchmark in turn, each printing its own table (pass --quick for a short run).
 
-    python benchmarks/run_all.py [--quick] [--only model_step,data_pipeline,memory_server,trainer,onnx_serving]
+    python benchmarks/run_all.py [--quick] [--only model_step,data_pipeline,memory_server,trainer,onnx_serving,
+                                                  memory_scale,memory_load]
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("model_step", "data_pipeline", "memory_server", "trainer", "onnx_serving")
+BENCHMARKS = ("model_step", "data_pipeline", "memory_server", "trainer", "onnx_serving", "memory_scale", "memory_load")
 
 
 def main(argv: list[str] | None = None) -> int:

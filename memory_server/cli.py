@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", choices=INDEX_CHOICES, default="exact",
                    help="approximate: a FAISS IVF index (faiss-cpu backend) with an exact re-rank of its candidates")
     p.add_argument("--ivf-nprobe", type=int, default=None,
-                   help="--index approximate: IVF lists probed per query (default 1/32 of them, at least 8)")
+                   help="--index approximate: IVF lists probed per query (default 1/128 of them, at least 8)")
     p.add_argument("--key-dtype", choices=KEY_DTYPE_CHOICES, default="float32",
                    help="torch backend: matmul precision of the search (tf32 on CUDA; bfloat16 keeps a bf16 mirror)")
     p.add_argument("--value-dtype", choices=VALUE_DTYPE_CHOICES, default="float32",
