@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     server, inproc = statistics.median(p1["server"]), statistics.median(p1["inproc"])
     sync = statistics.median(p1["server-sync"])
     print(f"\nTrainer benchmark ({args.config}: {cfg.data.image_size} px, batch {cfg.data.batch_size} per process, "
-          f"width {cfg.model.width}, extractor {cfg.model.extractor}, k {cfg.phase1.k})")
+          f"width {cfg.model.generator.width}, extractor {cfg.model.extractor.backbone}, k {cfg.phase1.k})")
     print("| phase 1 | steps / s | memory share of step | ratio |\n| --- | ---: | ---: | ---: |")
     print(f"| in-process store (inproc) | {inproc:.2f} | {statistics.median(p1_rpc['inproc']):.1%} | 1.00 |")
     print(f"| memory server process (tcp), updates awaited (memory.pipeline: false) | {sync:.2f} | "
