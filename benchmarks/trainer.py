@@ -4,8 +4,9 @@
 
 Every number comes from real `launch/train.py` runs (stats.jsonl), interleaved A/B/A/B so machine
 drift hits both sides alike:
-- phase 1 steps/s with the embedded memory server process (tcp loopback) against `memory.address:
-  inproc` (the same store code inside the trainer process): target >= 0.9x;
+- phase 1 steps/s with the embedded memory server process (tcp loopback), its updates pipelined
+  (`memory.pipeline: true`, the default) and not, against `memory.address: inproc` (the same store
+  code inside the trainer process): target >= 0.97x on the CPU, >= 0.95x on a GPU (issue 13);
 - phase 2 images/s with 1 and 2 processes (torchrun, gloo), and the share of step time spent waiting
   for data and for the memory (target: data <= 2 %).
 Uses the Pokemon shards from `make shards` when present, else synthetic shards.
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--procs", default="1,2", help="process counts for phase 2 (default 1,2)")
+    parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides for every run")
     args = parser.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 2)
@@ -101,17 +103,20 @@ def main(argv: list[str] | None = None) -> int:
               "run.log_every=10"]
     print(f"data: {source}", file=sys.stderr)
 
-    p1 = {"server": [], "inproc": []}
-    p1_rpc = {"server": [], "inproc": []}
+    modes = {"server": ["memory.address=null", "memory.pipeline=true"],
+             "server-sync": ["memory.address=null", "memory.pipeline=false"],
+             "inproc": ["memory.address=inproc"]}
+    p1 = {mode: [] for mode in modes}
+    p1_rpc = {mode: [] for mode in modes}
     for r in range(repeats):
-        for mode, addr in (("server", "null"), ("inproc", "inproc")):
+        for mode, extra in modes.items():
             rows = train(args.config, tmp / f"p1-{mode}-{r}", [*common, f"phase1.steps={p1_steps}", "phase2.steps=0",
-                                                               f"memory.address={addr}"])
+                                                               *extra])
             p1[mode].append(1.0 / steady(rows, "time/step_s", 1))
             p1_rpc[mode].append(steady(rows, "time/memory_share", 1))
             print(f"  phase 1 {mode}: {p1[mode][-1]:.2f} steps/s", file=sys.stderr)
     p2 = {}
-    procs = [int(p) for p in args.procs.split(",")]
+    procs = [int(p) for p in args.procs.split(",") if p.strip() and int(p) > 0]  # "0": phase 1 only
     for nproc in procs:
         rows = train(args.config, tmp / f"p2-{nproc}", [*common, "phase1.steps=0", f"phase2.steps={p2_steps}"],
                      nproc=nproc)
@@ -119,12 +124,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  phase 2 x{nproc}: {p2[nproc]['images_per_s']:.2f} img/s", file=sys.stderr)
 
     server, inproc = statistics.median(p1["server"]), statistics.median(p1["inproc"])
+    sync = statistics.median(p1["server-sync"])
     print(f"\nTrainer benchmark ({args.config}: {cfg.data.image_size} px, batch {cfg.data.batch_size} per process, "
-          f"width {cfg.model.width}, extractor {cfg.model.extractor}, k {cfg.phase1.k})")
+          f"width {cfg.model.generator.width}, extractor {cfg.model.extractor.backbone}, k {cfg.phase1.k})")
     print("| phase 1 | steps / s | memory share of step | ratio |\n| --- | ---: | ---: | ---: |")
     print(f"| in-process store (inproc) | {inproc:.2f} | {statistics.median(p1_rpc['inproc']):.1%} | 1.00 |")
-    print(f"| memory server process (tcp) | {server:.2f} | {statistics.median(p1_rpc['server']):.1%} | "
-          f"{server / inproc:.2f}x (target >= 0.9x) |")
+    print(f"| memory server process (tcp), updates awaited (memory.pipeline: false) | {sync:.2f} | "
+          f"{statistics.median(p1_rpc['server-sync']):.1%} | {sync / inproc:.2f}x |")
+    print(f"| memory server process (tcp), updates pipelined (default) | {server:.2f} | "
+          f"{statistics.median(p1_rpc['server']):.1%} | {server / inproc:.2f}x (target >= 0.97x CPU, 0.95x GPU) |")
     print("\n| phase 2 | images / s | s / step | data wait share (target <= 2 %) |\n| --- | ---: | ---: | ---: |")
     for nproc, r in p2.items():
         print(f"| {nproc} process{'es' if nproc > 1 else ''} | {r['images_per_s']:.2f} | {r['time/step_s']:.3f} | "
@@ -132,7 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     if 1 in p2 and 2 in p2:
         print(f"\n2-process scaling: {p2[2]['images_per_s'] / p2[1]['images_per_s']:.2f}x the 1-process rate "
               "(both share this machine's cores)")
-    (tmp / "result.json").write_text(json.dumps({"phase1": p1, "phase2": p2}, indent=2))
+    result = {"phase1": p1, "phase2": p2, "phase1_ratio": server / inproc, "phase1_sync_ratio": sync / inproc}
+    (tmp / "result.json").write_text(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
 
 

@@ -227,6 +227,22 @@ class MemoryConfig(_Section):
 
 
 @dataclass(frozen=True)
+class SpeedConfig(_Section):
+    """How the steps run, not what they compute (trainer.speed; docs/PERFORMANCE.md has the measurements)."""
+
+    SECTION = "train"
+    channels_last: bool = False  # G, F, D and the phase-2 images in NHWC memory format
+    optimizer: str = "default"  # Adam's implementation: "default" (torch's pick), "foreach", "fused", "for_loop"
+    compile: bool = False  # torch.compile of G+F and D (phase 2)
+    # CUDA graphs (torch.compile's "reduce-overhead" mode) for G+F and D; the phase-2 shapes are static
+    # (fixed batch, fixed patch count). CUDA only, and implies compile.
+    cuda_graphs: bool = False
+
+    def validate(self, path: str) -> None:
+        _choice(self, path, "optimizer", ("default", "foreach", "fused", "for_loop"))
+
+
+@dataclass(frozen=True)
 class MetricsConfig(_Section):
     SECTION = "metrics"
     port: int | None = None  # Prometheus base port; rank r serves on port + r; null: off
@@ -268,6 +284,7 @@ class TrainConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     fewshot: FewshotConfig = field(default_factory=FewshotConfig)
+    train: SpeedConfig = field(default_factory=SpeedConfig)
 
 
 # Keys that only set the length or bookkeeping of a run: they may change on resume.
@@ -278,6 +295,7 @@ RESUMABLE_KEYS = (
     "memory.pipeline", "memory.timeout_ms", "memory.retries", "metrics.port", "retrieval.k",
     "retrieval.temperature", "retrieval.mix", "retrieval.flip", "fewshot.base", "fewshot.novel", "fewshot.images",
     "fewshot.shots", "fewshot.val_every",
+    "train.channels_last", "train.optimizer", "train.compile", "train.cuda_graphs",
 )
 # Keys that fix the shape of a saved model: a change on resume is an error. Every network option is one.
 # (model.use_memory changes what G is fed, not any shape: ablations may start from a shared phase 1.)

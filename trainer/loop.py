@@ -28,6 +28,7 @@ from pccnet.color import NUM_BINS
 from pccnet.discriminator import PatchDiscriminator
 from pccnet.extractor import MemoryExtractor
 from trainer import checkpoint as ckpt_io
+from trainer import speed
 from trainer.calibrate import resolve_threshold
 from trainer.config import ConfigError, Phase2Config, TrainConfig, config_to_dict, load_config, save_config
 from trainer.data import DataError, expand_pattern, make_eval_loader, make_train_loader
@@ -88,10 +89,14 @@ class Runner:
         extractor = MemoryExtractor(cfg.model.extractor)
         gen = build_generator(cfg.model.generator, cfg.model.sampler if cfg.loss.needs_patches else None)
         disc = PatchDiscriminator(cfg.model.discriminator)
-        opt_m = torch.optim.Adam([p for p in extractor.parameters() if p.requires_grad], lr=cfg.phase1.lr)
+        # Weights move to the device first: a fused Adam wants its parameters where it will run.
+        extractor, gen, disc = (m.to(acc.device) for m in (extractor, gen, disc))
+        speed.prepare_modules(cfg.train, acc.device, gen, disc)
+        adam = speed.adam_options(cfg.train, acc.device)
+        opt_m = torch.optim.Adam([p for p in extractor.parameters() if p.requires_grad], lr=cfg.phase1.lr, **adam)
         betas = tuple(cfg.phase2.betas)
-        opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.phase2.lr, betas=betas)
-        opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.phase2.lr, betas=betas)
+        opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.phase2.lr, betas=betas, **adam)
+        opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.phase2.lr, betas=betas, **adam)
         # Not passed to accelerate.prepare: its scheduler wrapper steps once per process per step.
         self.sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lr_decay(cfg.phase2))
         self.sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lr_decay(cfg.phase2))
@@ -109,7 +114,7 @@ class Runner:
         if self.main:
             self.jsonl = JsonlWriter(self.out_dir / "stats.jsonl")
         self.ctx = StepContext(accelerator=acc, loss=cfg.loss, phase1=cfg.phase1, use_memory=cfg.model.use_memory,
-                               world_size=self.world, seed=cfg.run.seed)
+                               world_size=self.world, seed=cfg.run.seed, channels_last=cfg.train.channels_last)
         self.patch_rng = torch.Generator().manual_seed(cfg.run.seed * 31 + self.rank)
 
     def _resume(self, parts: ckpt_io.TrainingParts) -> dict:

@@ -17,6 +17,7 @@ from torch import nn
 from pccnet import losses
 from trainer.config import LossConfig, Phase1Config
 from trainer.retrieval import uniform_color_feature
+from trainer.speed import as_step_input
 
 
 @dataclass
@@ -29,6 +30,7 @@ class StepContext:
     use_memory: bool
     world_size: int
     seed: int
+    channels_last: bool = False  # train.channels_last: phase-2 images go in as NHWC
 
 
 def _sync_time(device: torch.device) -> float:
@@ -109,7 +111,7 @@ def gan_step(ctx: StepContext, gen: nn.Module, disc: nn.Module, opt_g: torch.opt
     acc = ctx.accelerator
     cfg = ctx.loss
     device = acc.device
-    light, real_ab = batch["light"], batch["ab"]
+    light, real_ab = as_step_input(batch["light"], ctx.channels_last), as_step_input(batch["ab"], ctx.channels_last)
     c = batch["color_feature"] if ctx.use_memory else uniform_color_feature(light.shape[0], device)
     def autocast():  # a fresh context per use: accelerate's is a one-shot generator context manager
         return acc.autocast() if acc.mixed_precision != "no" else nullcontext()
