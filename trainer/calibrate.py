@@ -17,24 +17,28 @@ from tqdm import tqdm
 from pccnet.color import NUM_BINS
 from pccnet.losses import kl_divergence
 from trainer.config import TrainConfig, load_config
-from trainer.data import make_eval_loader
+from trainer.data import expand_pattern, make_eval_loader
 
 log = logging.getLogger(__name__)
 
 QUANTILES = (0.05, 0.1, 0.15, 0.2, 0.5)
 POSITIVE_RATE = 0.15  # METHOD.md 3.2 asks for 10-20 % positive pairs
 AUTO_IMAGES = 512
+MAX_SHARDS = 16
 
 
 def calibrate_threshold(cfg: TrainConfig, n_images: int = 512, positive_rate: float = 0.15) -> dict:
     """KL(v_j || v_i) over ordered pairs of up to n_images random training images of cfg.data.train.
 
-    Every training image is read and a random subset paired (shards are often in class order). Returns
-    the pair count, the QUANTILES, the configured threshold's positive share and the threshold for
-    `positive_rate`. ValueError with fewer than 2 images.
+    Every image of up to MAX_SHARDS evenly spread shards is read and a random subset paired (shards are
+    often in class order). Returns the pair count, the QUANTILES, the configured threshold's positive
+    share and the threshold for `positive_rate`. ValueError with fewer than 2 images.
     """
     data = dataclasses.replace(cfg.data, batch_size=64)
-    feats = [b["color_feature"].double() for b in tqdm(make_eval_loader(data.train, data, 0, 1),
+    # At most MAX_SHARDS shards spread evenly over the list: every run with `auto` (on every rank) pays
+    # this read before its first step, which must not grow with a data set of thousands of shards.
+    stride = -(-len(expand_pattern(data.train)) // MAX_SHARDS)
+    feats = [b["color_feature"].double() for b in tqdm(make_eval_loader(data.train, data, 0, stride),
                                                         desc="colour features", unit="batch")]
     v = torch.cat(feats) if feats else torch.zeros(0, NUM_BINS, dtype=torch.float64)
     if v.shape[0] < 2:

@@ -140,9 +140,9 @@ class Phase1Config(_Section):
     k: int = 256  # top-k neighbours for the circle loss (capped at the memory's capacity)
     # delta_1, KL threshold in nats for positives and hits, or "auto": calibrated on the training data when
     # the run starts (the 15 % rule of launch/calibrate_threshold.py; trainer.calibrate), logged, and
-    # stored in the checkpoint's config. A fixed 1.5 on Pokemon makes 54 % of pairs positive and the
-    # memory collapses.
-    threshold: float | str = 1.5
+    # stored in the checkpoint's config. The default, so that new data gets a working memory: a fixed
+    # 1.5 on Pokemon makes 54 % of pairs positive and the memory collapses.
+    threshold: float | str = "auto"
     age_noise: float = 4.0
     val_every: int = 0  # steps between retrieval-accuracy evaluations on data.val; 0: only at the end
     # After phase 1, write every training image once with the final extractor: keys written during

@@ -1,0 +1,73 @@
+"""`phase1.threshold: auto` (the default) and the start-up data checks, on real tiny shards in this process.
+
+The auto threshold must be the calibration's 15 % value, logged, written as a number into the run's
+config and every checkpoint, and kept on resume even when the training data changed; a data pattern
+that matches nothing must stop the run before any step, naming the key and the pattern.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import yaml
+from trainhelpers import write_config, write_tiny_shards
+
+from launch.train import main as train_main
+from trainer.calibrate import AUTO_IMAGES, MAX_SHARDS, POSITIVE_RATE, calibrate_threshold
+from trainer.config import ConfigError, load_config
+
+
+def _saved_threshold(folder) -> float | str:
+    return yaml.safe_load((folder / "config.yaml").read_text())["phase1"]["threshold"]
+
+
+def test_auto_is_the_default_and_only_auto_is_accepted_as_a_word():
+    assert load_config(None).phase1.threshold == "auto"
+    assert load_config(None, ["phase1.threshold=0.7"]).phase1.threshold == 0.7
+    with pytest.raises(ConfigError, match=r"phase1\.threshold must be a number of nats or 'auto', got 'automatic'"):
+        load_config(None, ["phase1.threshold=automatic"])
+
+
+def test_auto_threshold_is_calibrated_logged_saved_and_kept_on_resume(tmp_path, caplog):
+    shards = write_tiny_shards(tmp_path / "shards")
+    out = tmp_path / "run"
+    cfg_path = write_config(tmp_path / "c.yaml", shards, out, phase1__steps=2, phase1__threshold="auto",
+                            phase2__steps=0, run__checkpoint_every=2, data__workers=0)
+    expected = round(calibrate_threshold(load_config(cfg_path), AUTO_IMAGES, POSITIVE_RATE)["threshold"], 4)
+    assert expected > 0
+    with caplog.at_level(logging.INFO, logger="trainer.calibrate"):
+        assert train_main(["--config", str(cfg_path)]) == 0
+    assert any(f"phase1.threshold auto: {expected:.4f} nats" in r.getMessage() for r in caplog.records)
+    ckpt = out / "checkpoints" / "step-0000002"
+    assert _saved_threshold(out) == expected == _saved_threshold(ckpt)
+
+    # Other training data (resumable) would calibrate to another value: the resumed run keeps its own.
+    other = write_tiny_shards(tmp_path / "other", n_shards=1, per_shard=6, seed=5)
+    other_value = round(calibrate_threshold(load_config(cfg_path, [f"data.train={other}"]))["threshold"], 4)
+    assert other_value != expected
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="trainer.calibrate"):
+        assert train_main(["--config", str(cfg_path), f"data.train={other}", "phase1.steps=3"]) == 0
+    assert any(f"phase1.threshold auto: {expected:.4f} nats, as in" in r.getMessage() for r in caplog.records)
+    assert _saved_threshold(out / "checkpoints" / "step-0000003") == expected
+
+
+def test_calibration_reads_at_most_max_shards_spread_over_the_list(tmp_path):
+    # 2 images a shard in 2 * MAX_SHARDS shards: every other shard is read, first and last halves both.
+    shards = write_tiny_shards(tmp_path / "many", n_shards=2 * MAX_SHARDS, per_shard=2, size=16)
+    r = calibrate_threshold(load_config(None, [f"data.train={shards}", "data.workers=0", "data.image_size=32"]))
+    assert r["images_all"] == 2 * MAX_SHARDS
+
+
+@pytest.mark.parametrize("key", ["data.train", "data.val"])
+def test_a_pattern_that_matches_nothing_stops_the_run_before_any_step(tmp_path, capsys, key):
+    shards = write_tiny_shards(tmp_path / "shards", n_shards=1, per_shard=4)
+    out = tmp_path / "run"
+    cfg_path = write_config(tmp_path / "c.yaml", shards, out, phase1__steps=2, phase2__steps=2, data__workers=0,
+                            data__val=shards)
+    missing = str(tmp_path / "nowhere" / "val-{000000..000001}.tar")
+    assert train_main(["--config", str(cfg_path), f"{key}={missing}"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {key} {missing!r} matches no usable shard" in err
+    assert not (out / "checkpoints").exists() and not (out / "stats.jsonl").exists()
