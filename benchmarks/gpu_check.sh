@@ -6,7 +6,7 @@
 #   GPU_CHECK_CPU=1 bash benchmarks/gpu_check.sh   # the same script end to end on the CPU, tiny sizes
 # 1. phase 1: memory server (embedded, pipelined) vs in-process memory, as a ratio (target >= 0.95x);
 # 2. the memory server on the torch CUDA backend at m = 1e4 and 1e5: end to end vs in-process search
-#    (target >= 0.9x at 1e5), for each --key-dtype when the server has that flag (hook below);
+#    (target >= 0.9x at 1e5), for each --key-dtype, with tf32/bf16 top-k recall against fp32 search;
 # 3. the 256 px phase-2 step in bf16: images/s, TFLOP/s and share of the dense bf16 peak for each
 #    `train` option (ratio to default) and a per-GPU batch sweep with the fastest (target >= 20 %);
 #    a torch.profiler table of the step.
@@ -47,13 +47,10 @@ $PY benchmarks/trainer.py --config "$P1_CONFIG" --procs 0 --repeats 1 $P1_ARGS -
   2>&1 | tee "$OUT/phase1.txt" || rc=1
 
 echo "== 2. memory server, torch backend: end to end vs in-process search =="
-# Hook for the server-side helper's --key-dtype (issue 13 item 2): used when benchmarks/memory_server.py
-# has the flag, else the fp32 keys only (and the output says so).
-if $PY benchmarks/memory_server.py --help 2>/dev/null | grep -q -- "--key-dtype"; then KEY_DTYPES="float32 tf32 bfloat16";
-else KEY_DTYPES=float32; echo "(no --key-dtype in benchmarks/memory_server.py yet: fp32 keys only)" | tee "$OUT/memory_server_note.txt"; fi
-for dt in $KEY_DTYPES; do
-  extra=; [ "$KEY_DTYPES" != float32 ] && extra="--key-dtype $dt"
-  $PY benchmarks/memory_server.py --backend torch $MEM_ARGS $extra --json "$OUT/memory_server_$dt.json" \
+# Each key dtype (issue 13 item 2); tf32 and bfloat16 also print their top-k recall and search time
+# against exact float32 search on the same keys and queries.
+for dt in float32 tf32 bfloat16; do
+  $PY benchmarks/memory_server.py --backend torch $MEM_ARGS --key-dtype $dt --json "$OUT/memory_server_$dt.json" \
     2>&1 | tee "$OUT/memory_server_$dt.txt" || rc=1
 done
 

@@ -8,6 +8,11 @@ this shared VM's speed swings several-fold over minutes.
     python benchmarks/memory_server.py            # full: m = 1e4 and 1e5 (several minutes on 2 cores)
     python benchmarks/memory_server.py --quick    # m = 1e4 only, fewer repetitions (< 1 minute)
     python benchmarks/memory_server.py --backend torch   # torch backend (CUDA when present)
+    python benchmarks/memory_server.py --backend torch --key-dtype bfloat16   # + recall vs float32 keys
+
+With --key-dtype tf32|bfloat16 the search table also times exact float32 search on the same keys and
+queries (interleaved with the rest) and reports the top-k recall of the reduced-precision search
+against it.
 """
 
 from __future__ import annotations
@@ -30,12 +35,20 @@ import numpy as np
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the server sets it, so the baseline matches
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from memory_server.backends import resolve_backend  # noqa: E402
+from memory_server.backends import (  # noqa: E402
+    KEY_DTYPE_CHOICES,
+    BackendUnavailable,
+    IndexOptions,
+    check_index_options,
+    make_searcher,
+    resolve_backend,
+)
 from memory_server.client import MemoryClient  # noqa: E402
 from memory_server.durability import Durability, DurabilityConfig  # noqa: E402
 from memory_server.effects import UpdateEffect  # noqa: E402
 from memory_server.launcher import start_server  # noqa: E402
 from memory_server.local import InProcessMemory  # noqa: E402
+from memory_server.protocol import DEFAULT_MAX_MEMORY_BYTES  # noqa: E402
 from memory_server.store import MemoryStore  # noqa: E402
 
 DK, DV, NQ = 512, 313, 256
@@ -115,6 +128,40 @@ def targets(rng: np.random.Generator, n: int) -> np.ndarray:
     return (v / v.sum(1, keepdims=True)).astype(np.float32)
 
 
+def local_memory(m: int, backend: str, key_dtype: str) -> InProcessMemory:
+    """The in-process baseline: the store the server builds for these flags, seed 1 like the servers'."""
+    store = MemoryStore(resolve_backend(backend), DEFAULT_MAX_MEMORY_BYTES, index=IndexOptions(key_dtype=key_dtype))
+    return InProcessMemory(store, capacity=m, key_dim=DK, value_dim=DV, seed=1)
+
+
+def server_flags(backend: str, key_dtype: str, *more: str) -> list[str]:
+    return ["--seed", "1", "--backend", backend, "--key-dtype", key_dtype, *more]
+
+
+# ---- recall of reduced-precision keys against float32 search ---------------------------------------
+
+def recall_against(slots: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    """(recall@1, recall@k) of top-k `slots` [B, k] against the reference top-k `ref` [B, k]: the share of
+    rows whose first slot agrees, and the mean share of the reference's k slots that were found."""
+    k = ref.shape[1]
+    r1 = float(np.mean(slots[:, 0] == ref[:, 0]))
+    rk = float(np.mean([np.intersect1d(a, b).size / k for a, b in zip(slots, ref, strict=True)]))
+    return r1, rk
+
+
+def key_dtype_recall(keys: np.ndarray, q: np.ndarray, k: int, backend: str, key_dtype: str) -> dict:
+    """Top-k recall of `key_dtype` search against exact float32 search on the same resolved backend
+    (torch-cuda float32 is strict fp32: no TF32), same keys [m, dk] and unit queries [B, dk]."""
+    check_index_options(backend, IndexOptions(key_dtype=key_dtype))
+    low, ref = make_searcher(backend, keys, IndexOptions(key_dtype=key_dtype)), make_searcher(backend, keys)
+    try:
+        r1, rk = recall_against(low.search(q, k)[1], ref.search(q, k)[1])
+    finally:
+        low.close()
+        ref.close()
+    return {"key_dtype": key_dtype, "k": k, "recall_at_1": r1, "recall_at_k": rk}
+
+
 # ---- search -------------------------------------------------------------------------------------
 
 def pipelined_seconds(endpoint: str, q: np.ndarray, k: int, n: int, depth: int = 2) -> float:
@@ -136,12 +183,15 @@ def pipelined_seconds(endpoint: str, q: np.ndarray, k: int, n: int, depth: int =
     return dt
 
 
-def bench_search(m: int, backend: str, rounds: int, reps: int, tmp: Path, rate: float) -> list[dict]:
+def bench_search(m: int, backend: str, rounds: int, reps: int, tmp: Path, rate: float,
+                 key_dtype: str = "float32") -> list[dict]:
     rng = np.random.default_rng(0)
     q = unit_rows(rng, NQ)
-    local = InProcessMemory(capacity=m, key_dim=DK, value_dim=DV, seed=1, backend=backend)
+    local = local_memory(m, backend, key_dtype)
     mem = local.store.memories["default"]
-    flags = ["--seed", "1", "--backend", backend]
+    # Exact float32 search on the same keys: the time baseline of a reduced dtype (recall: key_dtype_recall).
+    f32 = mem.searcher if key_dtype == "float32" else make_searcher(local.store.backend, mem.keys)
+    flags = server_flags(backend, key_dtype)
     tcp = start_server(None, durability="none", capacity=m, key_dim=DK, value_dim=DV, extra_args=flags)
     ipc = start_server(None, bind=f"ipc://{tmp}/bench-{os.getpid()}.sock", durability="none", capacity=m,
                        key_dim=DK, value_dim=DV, extra_args=flags)
@@ -153,8 +203,11 @@ def bench_search(m: int, backend: str, rounds: int, reps: int, tmp: Path, rate: 
         for k in (1, 256):
             # Same store content, same answers (reported, not asserted, so a device run is never lost).
             same = all(np.array_equal(c.query(q, k)["slots"], local.query(q, k)["slots"]) for c in clients.values())
+            rec = key_dtype_recall(mem.keys, q_hat, k, local.store.backend, key_dtype)
             calls = {"search": lambda k=k: mem.search(q_hat, k), "inproc": lambda k=k: local.query(q, k),
                      **{n: (lambda c=c, k=k: c.query(q, k)) for n, c in clients.items()}}
+            if f32 is not mem.searcher:
+                calls["f32"] = lambda k=k: f32.search(q_hat, k)
             times: dict[str, list[float]] = {n: [] for n in calls}
             faults = minor_faults()
             for _ in range(rounds * reps):  # one call of each in turn: all see the same machine load
@@ -164,7 +217,10 @@ def bench_search(m: int, backend: str, rounds: int, reps: int, tmp: Path, rate: 
             med = {n: pct(t, 50) for n, t in times.items()}
             piped = pipelined_seconds(tcp.endpoint, q, k, n=rounds * reps)
             bound = 2 * NQ * m * DK / rate
-            rows.append({"m": m, "k": k, "search_ms": med["search"] * 1e3, "bound_ms": bound * 1e3,
+            f32_ms = med.get("f32", med["search"]) * 1e3
+            rows.append({"m": m, "k": k, "key_dtype": key_dtype, "search_ms": med["search"] * 1e3,
+                         "f32_search_ms": f32_ms, "f32_ratio": f32_ms / (med["search"] * 1e3),
+                         "recall_at_1": rec["recall_at_1"], "recall_at_k": rec["recall_at_k"], "bound_ms": bound * 1e3,
                          "pct_of_bound": 100 * bound / med["search"], "inproc_ms": med["inproc"] * 1e3,
                          "tcp_ms": med["tcp"] * 1e3, "ipc_ms": med["ipc"] * 1e3,
                          "tcp_ratio": med["inproc"] / med["tcp"], "ipc_ratio": med["inproc"] / med["ipc"],
@@ -175,6 +231,9 @@ def bench_search(m: int, backend: str, rounds: int, reps: int, tmp: Path, rate: 
     finally:
         tcp.stop()
         ipc.stop()
+        if f32 is not mem.searcher:
+            f32.close()
+        local.close()
     return rows
 
 
@@ -192,10 +251,10 @@ def update_batches(n: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def bench_update(m: int, backend: str, reps: int, tmp: Path) -> list[dict]:
+def bench_update(m: int, backend: str, reps: int, tmp: Path, key_dtype: str = "float32") -> list[dict]:
     batches = update_batches(reps + 1, seed=1)
     rows = []
-    local = InProcessMemory(capacity=m, key_dim=DK, value_dim=DV, seed=1, backend=backend)
+    local = local_memory(m, backend, key_dtype)
     mem = local.store.memories["default"]
     mem.searcher = timer = SearchTimer(mem.searcher)
     t, rule = [], []
@@ -208,8 +267,8 @@ def bench_update(m: int, backend: str, reps: int, tmp: Path) -> list[dict]:
     for durability in ("none", "batch", "always"):
         data = tmp / f"upd-{m}-{durability}"
         srv = start_server(data if durability != "none" else None, durability=durability, capacity=m, key_dim=DK,
-                           value_dim=DV, extra_args=["--seed", "1", "--backend", backend,
-                                                     "--snapshot-wal-bytes", str(1 << 40)])
+                           value_dim=DV, extra_args=server_flags(backend, key_dtype,
+                                                                 "--snapshot-wal-bytes", str(1 << 40)))
         try:
             with MemoryClient(srv.endpoint, timeout_ms=600_000) as c:
                 c.update(*batches[reps], threshold=1.0)
@@ -229,10 +288,10 @@ def scrape(port: int) -> dict[str, float]:
     return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(memsrv_\w+_bytes_total\{[^}]*\}) (\S+)$", text, re.M)}
 
 
-def bench_wire(backend: str, m: int = 10_000, batch: int = 4, k: int = 256) -> list[dict]:
+def bench_wire(backend: str, m: int = 10_000, batch: int = 4, k: int = 256, key_dtype: str = "float32") -> list[dict]:
     rng = np.random.default_rng(2)
     srv = start_server(None, durability="none", capacity=m, key_dim=DK, value_dim=DV,
-                       extra_args=["--seed", "1", "--backend", backend, "--metrics-port", "0"])
+                       extra_args=server_flags(backend, key_dtype, "--metrics-port", "0"))
     rows = []
     try:
         with MemoryClient(srv.endpoint, timeout_ms=600_000) as c:
@@ -256,9 +315,9 @@ def bench_wire(backend: str, m: int = 10_000, batch: int = 4, k: int = 256) -> l
 
 # ---- restart to serving --------------------------------------------------------------------------
 
-def bench_restart(m: int, n_updates: int, backend: str, tmp: Path) -> dict:
+def bench_restart(m: int, n_updates: int, backend: str, tmp: Path, key_dtype: str = "float32") -> dict:
     data = tmp / f"restart-{m}"
-    srv = start_server(data, capacity=m, key_dim=DK, value_dim=DV, extra_args=["--seed", "1", "--backend", backend])
+    srv = start_server(data, capacity=m, key_dim=DK, value_dim=DV, extra_args=server_flags(backend, key_dtype))
     with MemoryClient(srv.endpoint, timeout_ms=600_000) as c:
         version = c.snapshot()["version"]
     srv.stop()
@@ -279,7 +338,7 @@ def bench_restart(m: int, n_updates: int, backend: str, tmp: Path) -> dict:
     wal_bytes = seg.stat().st_size
     q = unit_rows(rng, NQ)
     t0 = time.perf_counter()
-    srv = start_server(data, extra_args=["--backend", backend])
+    srv = start_server(data, extra_args=["--backend", backend, "--key-dtype", key_dtype])
     t_ready = time.perf_counter() - t0
     with MemoryClient(srv.endpoint, timeout_ms=600_000) as c:
         got = c.query(q, 1)["version"]
@@ -318,9 +377,9 @@ def _client_worker(endpoint: str, seconds: float, seed: int, m: int) -> tuple[li
     return lat, busy
 
 
-def bench_clients(m: int, backend: str, seconds: float, max_queue: int) -> dict:
+def bench_clients(m: int, backend: str, seconds: float, max_queue: int, key_dtype: str = "float32") -> dict:
     srv = start_server(None, durability="none", capacity=m, key_dim=DK, value_dim=DV,
-                       extra_args=["--seed", "1", "--backend", backend, "--max-queue", str(max_queue)])
+                       extra_args=server_flags(backend, key_dtype, "--max-queue", str(max_queue)))
     try:
         with multiprocessing.get_context("spawn").Pool(4) as pool:
             res = pool.starmap(_client_worker, [(srv.endpoint, seconds, s, m) for s in range(4)])
@@ -342,27 +401,47 @@ def table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
     return "\n".join([head, sep, *body])
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="m = 1e4 only, fewer repetitions (< 1 minute)")
     ap.add_argument("--backend", default="faiss", choices=("faiss", "torch", "auto"))
+    ap.add_argument("--key-dtype", default="float32", choices=KEY_DTYPE_CHOICES,
+                    help="the servers' and the in-process baseline's --key-dtype (torch backend); a reduced "
+                         "dtype also reports its top-k recall and search time against float32 keys")
     ap.add_argument("--json", type=Path, help="also write the figures here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.key_dtype != "float32":
+        try:  # before minutes of benchmarking: the server would refuse these flags at start
+            check_index_options(resolve_backend(args.backend), IndexOptions(key_dtype=args.key_dtype))
+        except BackendUnavailable as exc:
+            ap.error(str(exc))
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     sizes = [10_000] if args.quick else [10_000, 100_000]
     tmp = Path(tempfile.mkdtemp(prefix="memsrv-bench-"))
     rate, rate_how = sgemm_rate(args.backend)
     rates = [rate]
-    out: dict = {"backend": args.backend, "sgemm_gflops": rate / 1e9, "sgemm": rate_how, "search": [], "update": []}
+    out: dict = {"backend": args.backend, "key_dtype": args.key_dtype, "sgemm_gflops": rate / 1e9, "sgemm": rate_how,
+                 "search": [], "update": []}
     for m in sizes:
         big = m >= 100_000
         rates.append(sgemm_rate(args.backend)[0])
         out["search"] += bench_search(m, args.backend, rounds=2 if args.quick else 3,
-                                      reps=2 if big else (4 if args.quick else 8), tmp=tmp, rate=rate)
+                                      reps=2 if big else (4 if args.quick else 8), tmp=tmp, rate=rate,
+                                      key_dtype=args.key_dtype)
     for m in sizes:
-        out["update"] += bench_update(m, args.backend, reps=10 if m >= 100_000 else (20 if args.quick else 60), tmp=tmp)
-    out["wire"] = bench_wire(args.backend)
-    out["restart"] = bench_restart(sizes[-1], 1_000 if args.quick else 10_000, args.backend, tmp)
-    out["clients"] = [bench_clients(10_000, args.backend, 2.0 if args.quick else 6.0, mq) for mq in (1, 64)]
+        out["update"] += bench_update(m, args.backend, reps=10 if m >= 100_000 else (20 if args.quick else 60), tmp=tmp,
+                                      key_dtype=args.key_dtype)
+    out["wire"] = bench_wire(args.backend, key_dtype=args.key_dtype)
+    out["restart"] = bench_restart(sizes[-1], 1_000 if args.quick else 10_000, args.backend, tmp, args.key_dtype)
+    out["clients"] = [bench_clients(10_000, args.backend, 2.0 if args.quick else 6.0, mq, args.key_dtype)
+                      for mq in (1, 64)]
+    # recall@1 and recall@256 of this key dtype against exact float32 search (the k = 256 search rows).
+    out["recall"] = [{"m": r["m"], "k": r["k"], "recall_at_1": r["recall_at_1"], "recall_at_k": r["recall_at_k"]}
+                     for r in out["search"] if r["k"] > 1]
     rates.append(sgemm_rate(args.backend)[0])
     rate = max(rates)  # the best GEMM rate seen during the run is the machine's rate
     out["sgemm_gflops"], out["sgemm_samples_gflops"] = rate / 1e9, [r / 1e9 for r in rates]
@@ -370,7 +449,8 @@ def main() -> None:
         row["bound_ms"] = 2 * NQ * row["m"] * DK / rate * 1e3
         row["pct_of_bound"] = 100 * row["bound_ms"] / row["search_ms"]
 
-    print(f"\nMemory server benchmark, backend {args.backend}; compute bound from {rate_how}: best of "
+    print(f"\nMemory server benchmark, backend {args.backend}, --key-dtype {args.key_dtype}; compute bound (fp32) "
+          f"from {rate_how}: best of "
           f"{len(rates)} samples {rate / 1e9:.0f} GFLOP/s (samples {', '.join(f'{r / 1e9:.0f}' for r in rates)})")
     print(f"{NQ} queries/request, d={DK}; ratio = in-process time / end-to-end time (throughput ratio)\n")
     print(table(out["search"], [("m", "m", "d"), ("k", "k", "d"), ("search_ms", "search ms", ".1f"),
@@ -380,6 +460,12 @@ def main() -> None:
                                 ("ipc_ratio", "ipc ratio", ".2f"), ("piped_ratio", "tcp 2-in-flight ratio", ".2f"),
                                 ("tcp_p99_ms", "tcp p99 ms", ".1f"),
                                 ("faults", "page faults/call", ".1f"), ("same_answers", "same slots", "")]))
+    if args.key_dtype != "float32":
+        print(f"\n--key-dtype {args.key_dtype} vs exact float32 search on the same keys and queries (same process, "
+              "interleaved; speedup = float32 ms / this dtype's ms)\n")
+        print(table(out["search"], [("m", "m", "d"), ("k", "k", "d"), ("search_ms", f"{args.key_dtype} ms", ".1f"),
+                                    ("f32_search_ms", "float32 ms", ".1f"), ("f32_ratio", "speedup", ".2f"),
+                                    ("recall_at_1", "recall@1", ".4f"), ("recall_at_k", "recall@k", ".4f")]))
     print(f"\nUpdate, {NQ} rows, age_noise 4 ('rule' = the update without its k=1 search, timed inside the "
           f"same in-process calls)\n")
     print(table(out["update"], [("m", "m", "d"), ("mode", "mode", "s"), ("p50_ms", "p50 ms", ".2f"),

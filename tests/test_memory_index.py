@@ -208,3 +208,40 @@ def test_bad_flag_values_exit_2_naming_them(flags, named):
                          capture_output=True, text=True, timeout=120, check=False)
     assert res.returncode == 2, res.stderr
     assert named in res.stderr and "READY" not in res.stdout
+
+
+def _memory_server_benchmark():
+    """benchmarks/memory_server.py as a module (its file name shadows the package, so load it by path)."""
+    import importlib.util  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_server.py"
+    spec = importlib.util.spec_from_file_location("bench_memory_server", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmark_recall_of_reduced_key_dtypes_against_float32():
+    """The recall the memory-server benchmark reports for --key-dtype: bf16 on torch-cpu loses some of the
+    top-k of random unit keys (their scores differ in the 3rd digit), tf32 on the CPU computes float32."""
+    pytest.importorskip("torch")
+    bench = _memory_server_benchmark()
+    rng = np.random.default_rng(7)
+    keys, q = unit(rng.standard_normal((2000, 64))), unit(rng.standard_normal((64, 64)))
+    bf16 = bench.key_dtype_recall(keys, q, 32, "torch-cpu", "bfloat16")
+    assert 0.5 < bf16["recall_at_k"] < 1.0 and 0.5 < bf16["recall_at_1"] <= 1.0, bf16
+    tf32 = bench.key_dtype_recall(keys, q, 32, "torch-cpu", "tf32")
+    assert tf32["recall_at_1"] == 1.0 and tf32["recall_at_k"] == 1.0, tf32
+    # The helper itself: a wrong first slot and one missed slot of two rows of k = 2.
+    assert bench.recall_against(np.array([[1, 2], [5, 4]]), np.array([[1, 2], [4, 3]])) == (0.5, 0.75)
+    with pytest.raises(Exception, match="bfloat16"):
+        bench.key_dtype_recall(keys, q, 4, "faiss-cpu", "bfloat16")
+
+
+def test_benchmark_refuses_a_reduced_key_dtype_without_torch(capsys):
+    bench = _memory_server_benchmark()
+    with pytest.raises(SystemExit) as exc:
+        bench.parse_args(["--quick", "--key-dtype", "bfloat16", "--backend", "faiss"])
+    assert exc.value.code == 2 and "--key-dtype bfloat16 needs --backend torch" in capsys.readouterr().err
+    assert bench.parse_args(["--key-dtype", "tf32", "--backend", "torch"]).key_dtype == "tf32"
