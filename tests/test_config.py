@@ -198,3 +198,17 @@ def test_every_shipped_config_loads(path):
     assert cfg.phase1.threshold == "auto" or cfg.phase1.threshold > 0
     if path.endswith("_gpu.yaml"):
         assert cfg.data.image_size == 256 and cfg.model.generator.width == 64  # the paper's scale
+
+
+def test_saved_configs_without_retrieval_keep_the_papers_top1(tmp_path):
+    """A user's config without `retrieval` gets the default (16 values, flip); a checkpoint's config from
+    before the section existed keeps the top-1 it was evaluated with."""
+    from trainer.config import load_saved_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"data": {"image_size": 64}}))
+    assert (load_config(path).retrieval.k, load_config(path).retrieval.flip) == (16, True)
+    old = load_saved_config(path).retrieval
+    assert (old.k, old.flip) == (1, False)
+    path.write_text(yaml.safe_dump({"retrieval": {"k": 4}}))
+    assert load_saved_config(path).retrieval.k == 4 and load_saved_config(path).retrieval.flip is True

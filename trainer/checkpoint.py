@@ -34,7 +34,7 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-from trainer.config import TrainConfig, load_config, resume_differences, save_config
+from trainer.config import TrainConfig, load_saved_config, resume_differences, save_config
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
     except Exception as e:  # torch raises several types for truncated, foreign or unsafe files
         raise CheckpointError(f"cannot read checkpoint {ckpt}: {e}") from e
     out["memory"] = load_memory_state(ckpt / "memory.npz") if (ckpt / "memory.npz").is_file() else None
-    out["config"] = load_config(ckpt / "config.yaml")
+    out["config"] = load_saved_config(ckpt / "config.yaml")
     out["meta"] = json.loads((ckpt / "meta.json").read_text())
     return out
 
@@ -301,7 +301,7 @@ def load_bundle(path: Path, map_location: str | torch.device = "cpu") -> dict[st
         # As a checkpoint holds them: G inside the G+F module (keys 'generator.*'); no discriminator.
         "models": {"generator": {f"generator.{k}": v for k, v in gen.items()}, "discriminator": {},
                    "extractor": load_weights(path / "extractor.safetensors", map_location)},
-        "config": load_config(path / "config.yaml"), "meta": dict(info.get("meta", {}), step=info.get("step")),
+        "config": load_saved_config(path / "config.yaml"), "meta": dict(info.get("meta", {}), step=info.get("step")),
         "memory": None,
     }
     if (path / BUNDLE_MEMORY).is_file():
