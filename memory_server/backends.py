@@ -335,9 +335,11 @@ class TorchSearcher:
             torch.backends.cuda.matmul.allow_tf32 = prev
         if self.key_dtype != "float32":
             # Reduced-precision sims are rounded (bf16: 3 digits), so equal scores are common and the
-            # exact boundary recomputation of fix_ties would run on most rows: order ties within the
-            # returned k by lower slot only (the recall against float32 search is measured, not exact).
-            return order_ties(sims[:, :k], slots[:, :k])
+            # exact boundary recomputation of fix_ties would run on most rows: order ties by lower slot
+            # over the k + 1 candidates, then cut, so a tie at the k-th place keeps the lower slot (the
+            # recall against float32 search is measured, not exact).
+            sims, slots = order_ties(sims, slots)
+            return sims[:, :k], slots[:, :k]
         return fix_ties(sims, slots, k, q, self.keys)
 
     def keys_written(self, slots: np.ndarray) -> None:

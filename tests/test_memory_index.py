@@ -195,6 +195,18 @@ def test_torch_key_dtypes_recall_on_cpu(key_dtype):
     assert low.info()["key_dtype"] == key_dtype
 
 
+def test_bf16_keys_break_a_tie_at_the_kth_place_by_the_lower_slot():
+    """Equal bf16 scores at the cut: the lower slot is returned, whatever order torch.topk gave."""
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(9)
+    low = _mem(backend="torch-cpu", key_dtype="bfloat16", m=64, dk=16)
+    keys = unit(rng.standard_normal((40, 16)))
+    keys[7] = keys[2]  # a copy of slot 2's key: a two-way tie for the top place
+    low.put(np.arange(40, dtype=np.int64), keys, _values(40, rng))
+    for k in (1, 2):  # within the k + 1 candidates the search ranks (a wider tie stays torch.topk's choice)
+        np.testing.assert_array_equal(low.query(keys[2:3], k=k)["slots"][0], [2, 7][:k])
+
+
 @pytest.mark.parametrize("flags, named", [
     (["--index", "fuzzy"], "fuzzy"),
     (["--value-dtype", "float8"], "float8"),
