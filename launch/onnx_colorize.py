@@ -37,7 +37,8 @@ class OnnxColorizer:
         pack = load_file(str(memory or model / "memory.pack"))
         self.keys, self.values, self.item_ids = pack["keys"], pack["values"], pack["item_ids"]
         # Bundles from before the setting existed retrieve as the paper does: the top-1 value.
-        self.options = {"k": 1, "temperature": 0.1, "mix": "mean", "flip": False, **info.get("retrieval", {})}
+        self.options = {"k": 1, "temperature": 0.1, "mix": "mean", "flip": False, "anneal": 1.0,
+                        **info.get("retrieval", {})}
 
     def retrieve(self, key: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Queries [B, dim] -> (colour distributions [B, 313], best slots [B], their cosine similarities [B]).
@@ -67,6 +68,11 @@ class OnnxColorizer:
             kl = (p[:, :, None] * (np.log(p[:, :, None]) - np.log(p[:, None]))).sum(-1)  # [B, k, k]
             color = v[np.arange(len(v)), np.einsum("bij,bj->bi", kl, w).argmin(1)]
         color /= color.sum(1, keepdims=True)
+        anneal = float(self.options["anneal"])
+        if anneal != 1.0:  # sharpened to color ** (1 / anneal), in the log domain (no underflow)
+            logc = np.log(np.clip(color, 1e-30, None)) / anneal
+            color = np.exp(logc - logc.max(1, keepdims=True))
+            color /= color.sum(1, keepdims=True)
         return color.astype(np.float32), top[:, 0], s[:, 0].astype(np.float32)
 
     def colorize_array(self, rgb: np.ndarray) -> tuple[np.ndarray, int, float]:

@@ -154,7 +154,7 @@ def test_evaluate_retrieval_scores_the_memory(trained, tmp_path):
     assert evaluate_main(["--checkpoint", str(run), "--data", shards, "--output", str(out), "--retrieval",
                           "--retrieval-option", "k=1", "--retrieval-option", "flip=false"]) == 0
     r = json.loads(out.read_text())
-    assert r["retrieval"] == {"k": 1, "temperature": 0.1, "mix": "mean", "flip": False}
+    assert r["retrieval"] == {"k": 1, "temperature": 0.1, "mix": "mean", "flip": False, "anneal": 1.0}
     assert r["n_images"] == 16 and r["written_slots"] == int((_final_memory(run)["item_ids"] >= 0).sum())
     assert 1 <= r["distinct_answers"] <= r["written_slots"]
     # The retrieved slot is one of the written ones, so it can never beat the best of them.

@@ -81,3 +81,71 @@ def test_the_collapse_check_on_its_numbers(filled, answers, n_probe, collapsed):
     if collapsed:
         assert f"{filled} of 32 slots written" in warning and f"answer {n_probe} training images" in warning
         assert "phase1.threshold 100 is probably too loose" in warning
+
+
+def _ranked_reply(seed: int, b: int = 3, m: int = 24, dim: int = 8, unwritten: int = 5):
+    """A memory (keys, Dirichlet values, item ids) and queries, plus the reply `query` gives for them: the
+    values, sims and written flags of every slot, most similar first."""
+    rng = np.random.default_rng(seed)
+    keys = rng.normal(size=(m, dim))
+    keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+    values = rng.dirichlet(np.full(NUM_BINS, 0.3), size=m)
+    item_ids = np.arange(m)
+    item_ids[rng.choice(m, unwritten, replace=False)] = -1
+    q = rng.normal(size=(b, dim))
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    sims = q @ keys.T
+    order = np.argsort(-sims, axis=1, kind="stable")
+    reply = (values[order], np.take_along_axis(sims, order, 1), item_ids[order] >= 0)
+    return (keys.astype(np.float32), values.astype(np.float32), item_ids), q.astype(np.float32), reply
+
+
+@pytest.mark.parametrize("k", [1, 4, 16])
+@pytest.mark.parametrize("mix", ["mean", "geometric", "medoid"])
+@pytest.mark.parametrize("anneal", [1.0, 0.38])
+def test_the_torch_free_runner_mixes_as_the_trainer_does(k, mix, anneal):
+    """launch/onnx_colorize.py reimplements the mix in numpy alone: the same options give the same colour
+    distribution and the same best slot (only written slots answer)."""
+    from launch.onnx_colorize import OnnxColorizer
+    from trainer.retrieval import RetrievalOptions, mix_values
+
+    (keys, values, item_ids), q, (v, s, written) = _ranked_reply(seed=k + len(mix))
+    options = RetrievalOptions(k=k, mix=mix, temperature=0.1, anneal=anneal)
+    ours, best = mix_values(v, s, written, options)
+    runner = object.__new__(OnnxColorizer)  # no graphs needed: retrieve() reads the pack and the options only
+    runner.keys, runner.values, runner.item_ids = keys, values, item_ids
+    runner.options = {"k": k, "mix": mix, "temperature": 0.1, "flip": False, "anneal": anneal}
+    theirs, slots, _ = runner.retrieve(q)
+    np.testing.assert_allclose(theirs, ours, atol=1e-5)
+    assert (item_ids[slots] >= 0).all()
+    assert np.array_equal(np.argmax(theirs, 1), np.argmax(ours, 1))
+
+
+def test_anneal_sharpens_the_mix_and_keeps_its_order():
+    """anneal 1 is the plain mix; below 1 the largest bin gains mass, the ranking of bins is kept, and a
+    tiny anneal gives (nearly) the one-hot of the mix's mode without underflowing to NaN."""
+    from trainer.retrieval import RetrievalOptions, mix_values
+
+    _, _, (v, s, written) = _ranked_reply(seed=3)
+    plain, _ = mix_values(v, s, written, RetrievalOptions(k=16))
+    same, _ = mix_values(v, s, written, RetrievalOptions(k=16, anneal=1.0))
+    sharp, _ = mix_values(v, s, written, RetrievalOptions(k=16, anneal=0.38))
+    spike, _ = mix_values(v, s, written, RetrievalOptions(k=16, anneal=1e-3))
+    np.testing.assert_array_equal(same, plain)
+    np.testing.assert_allclose(sharp.sum(1), 1.0, atol=1e-5)
+    assert (sharp.max(1) > plain.max(1)).all()
+    for row_plain, row_sharp in zip(plain, sharp):
+        top = np.argsort(-row_plain)[:20]
+        assert np.array_equal(np.argsort(-row_sharp)[:20], top)
+    assert np.isfinite(spike).all()
+    assert (spike.max(1) > 0.99).all() and np.array_equal(spike.argmax(1), plain.argmax(1))
+
+
+@pytest.mark.parametrize("bad", ["retrieval.anneal=0", "retrieval.anneal=-0.5", "retrieval.anneal=1.5"])
+def test_anneal_outside_0_1_is_a_config_error_naming_it(bad):
+    from trainer.config import ConfigError, TrainConfig, apply_override, config_from_dict, config_to_dict
+
+    data = config_to_dict(TrainConfig())
+    apply_override(data, bad)
+    with pytest.raises(ConfigError, match=r"retrieval\.anneal"):
+        config_from_dict(data)

@@ -93,7 +93,7 @@ def export_bundle(checkpoint: str | Path, output: str | Path, onnx: bool = False
             "use_memory": cfg.model.use_memory, "extractor_identity": identity, "onnx": onnx_files,
             # How retrieval mixes the memory's answer (trainer.retrieval); launch/onnx_colorize.py reads it.
             "retrieval": {"k": cfg.retrieval.k, "temperature": cfg.retrieval.temperature, "mix": cfg.retrieval.mix,
-                          "flip": cfg.retrieval.flip},
+                          "flip": cfg.retrieval.flip, "anneal": cfg.retrieval.anneal},
             "meta": {k: v for k, v in state["meta"].items() if k in ("phase", "phase1_steps", "phase2_steps",
                                                                      "world_size")},
         }

@@ -186,9 +186,12 @@ class RetrievalConfig(_Section):
     # geometric mean (keeps only colours every neighbour has); "medoid": the neighbour value with the least
     # weighted KL to the others (one real histogram, never a blend)
     flip: bool = True  # query with the mean of the features of the image and its mirror image
+    anneal: float = 1.0  # in (0, 1]: sharpen the mix to p ** (1 / anneal) (1: as mixed; Zhang et al. use 0.38)
 
     def validate(self, path: str) -> None:
-        _positive(self, path, "k", "temperature")
+        _positive(self, path, "k", "temperature", "anneal")
+        if self.anneal > 1:
+            raise ConfigError(f"{path}.anneal must be in (0, 1] (1 keeps the mix as it is), got {self.anneal}")
         _choice(self, path, "mix", ("mean", "geometric", "medoid"))
 
 
@@ -295,7 +298,7 @@ RESUMABLE_KEYS = (
     "run.sample_every", "run.keep_checkpoints", "run.out_dir", "run.collective_timeout_s",
     "run.check_ddp_every_log", "data.workers", "data.cache_mb", "data.train", "data.val", "memory.address",
     "memory.pipeline", "memory.timeout_ms", "memory.retries", "metrics.port", "retrieval.k",
-    "retrieval.temperature", "retrieval.mix", "retrieval.flip", "fewshot.base", "fewshot.novel", "fewshot.images",
+    "retrieval.temperature", "retrieval.mix", "retrieval.flip", "retrieval.anneal", "fewshot.base", "fewshot.novel", "fewshot.images",
     "fewshot.shots", "fewshot.val_every",
     "train.channels_last", "train.optimizer", "train.compile", "train.cuda_graphs",
 )

@@ -38,13 +38,14 @@ class RetrievalOptions:
     temperature: float = 0.1
     mix: str = "mean"
     flip: bool = False
+    anneal: float = 1.0
 
     @classmethod
     def of(cls, cfg) -> RetrievalOptions:
         """From a RetrievalConfig (or anything with its fields); None gives the paper's top-1."""
         if cfg is None:
             return cls()
-        return cls(k=cfg.k, temperature=cfg.temperature, mix=cfg.mix, flip=cfg.flip)
+        return cls(k=cfg.k, temperature=cfg.temperature, mix=cfg.mix, flip=cfg.flip, anneal=getattr(cfg, "anneal", 1.0))
 
 
 PAPER = RetrievalOptions()
@@ -117,7 +118,9 @@ def mix_values(values: np.ndarray, sims: np.ndarray, written: np.ndarray,
 
     values [B,k,313] ranked by similarity sims [B,k]; written [B,k] marks slots holding an item. Returns
     (features [B,313], index in k of the best written slot [B]). Weights: softmax of the similarities
-    over options.temperature. k = 1 is the paper's top-1 value whatever the mix.
+    over options.temperature. k = 1 is the paper's top-1 value whatever the mix. An anneal below 1 then
+    sharpens the mix, p ** (1 / anneal) renormalised (the annealed mean of Zhang et al. 2016): a blend of
+    many histograms keeps their coverage but gets back the peaks a single answer has.
     """
     b, _, bins = values.shape
     rank = np.cumsum(written, 1)  # 1-based rank among written slots
@@ -147,7 +150,17 @@ def mix_values(values: np.ndarray, sims: np.ndarray, written: np.ndarray,
     else:
         raise ValueError(f"retrieval mix must be 'mean', 'geometric' or 'medoid', got {options.mix!r}")
     out /= np.clip(out.sum(1, keepdims=True), 1e-12, None)
+    if options.anneal != 1.0:
+        out = anneal_histograms(out, options.anneal)
     return out.astype(np.float32), best
+
+
+def anneal_histograms(p: np.ndarray, anneal: float) -> np.ndarray:
+    """Histograms [B, bins] -> p ** (1 / anneal), renormalised; computed in the log domain so that a small
+    anneal cannot underflow every bin to zero (the largest bin becomes 1 before the normalisation)."""
+    logp = np.log(np.clip(p.astype(np.float64), 1e-30, None)) / anneal
+    out = np.exp(logp - logp.max(1, keepdims=True))
+    return out / out.sum(1, keepdims=True)
 
 
 @torch.no_grad()
