@@ -8,6 +8,7 @@ that matches nothing must stop the run before any step, naming the key and the p
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 import yaml
@@ -47,10 +48,16 @@ def test_auto_threshold_is_calibrated_logged_saved_and_kept_on_resume(tmp_path, 
     other_value = round(calibrate_threshold(load_config(cfg_path, [f"data.train={other}"]))["threshold"], 4)
     assert other_value != expected
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="trainer.calibrate"):
-        assert train_main(["--config", str(cfg_path), f"data.train={other}", "phase1.steps=3"]) == 0
+    with caplog.at_level(logging.INFO):
+        # Into a new folder, as launch/results.py does: its embedded server starts empty and is restored.
+        assert train_main(["--config", str(cfg_path), "--resume", str(ckpt), f"run.out_dir={tmp_path / 'run2'}",
+                           f"data.train={other}", "phase1.steps=3"]) == 0
     assert any(f"phase1.threshold auto: {expected:.4f} nats, as in" in r.getMessage() for r in caplog.records)
-    assert _saved_threshold(out / "checkpoints" / "step-0000003") == expected
+    # The start-up line reports the restored memory, not the empty one the embedded server began with.
+    filled = [int(m.group(1)) for r in caplog.records
+              if (m := re.search(r"memory 'default' at \S+: capacity \d+, filled (\d+)", r.getMessage()))]
+    assert len(filled) == 1 and filled[0] > 0
+    assert _saved_threshold(tmp_path / "run2" / "checkpoints" / "step-0000003") == expected
 
 
 def test_calibration_reads_at_most_max_shards_spread_over_the_list(tmp_path):

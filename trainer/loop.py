@@ -137,6 +137,7 @@ class Runner:
         if resumed is not None and resumed["memory"] is not None:
             version = self.memory.restore(resumed["memory"])
             log.info("memory %r restored from %s (server version now %d)", cfg.memory.name, resumed["path"], version)
+            info = self.memory.info()  # what the restore left, not the empty memory ensure() found
         log.info("memory %r at %s: capacity %s, filled %s, backend %s", cfg.memory.name, self.memory.endpoint,
                  info.get("capacity"), info.get("filled"), info.get("backend"))
 
