@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="redo outputs that exist (default: skip them)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    parser.add_argument("--retrieval-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="override the checkpoint's retrieval settings (k=1 for a small per-domain memory, "
+                        "flip=false, mix=geometric ...); repeatable")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -41,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     return report_errors(lambda: colorize_command(args.checkpoint, args.input, args.output, args.memory,
                                                   args.memory_name, args.batch_size, args.device,
-                                                  args.overwrite), user_errors())
+                                                  args.overwrite, args.retrieval_option), user_errors())
 
 
 if __name__ == "__main__":

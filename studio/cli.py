@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image in pixels (default 40 M)")
     parser.add_argument("--max-request-mb", type=float, default=512, help="largest request body (default 512 MiB)")
     parser.add_argument("--log-level", default="warning", help="debug, info, warning (default)")
+    parser.add_argument("--retrieval-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="override the checkpoint's retrieval settings (k=1 for small per-domain memories, "
+                        "flip=false ...); repeatable")
     return parser
 
 
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                     pixels=args.max_pixels, pack_bytes=int(args.max_request_mb * 2**20))
     try:
         studio = Studio(args.checkpoint, memory=args.memory, data_dir=args.data_dir, device=args.device,
-                        capacity=args.capacity, limits=limits)
+                        capacity=args.capacity, limits=limits, retrieval_options=args.retrieval_option)
     except (CheckpointError, ValueError, FileNotFoundError, MemoryServerError, MemoryUnavailable,
             ServerStartError) as e:
         sock.close()

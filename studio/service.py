@@ -69,14 +69,15 @@ class Studio:
 
     def __init__(self, checkpoint: str | Path, memory: str | None = None, data_dir: str | Path | None = None,
                  device: str | None = None, capacity: int = 1024, limits: Limits | None = None,
-                 timeout_ms: int = 30000) -> None:
+                 timeout_ms: int = 30000, retrieval_options: tuple[str, ...] | list[str] = ()) -> None:
         self.limits = limits or Limits()
         self.capacity = capacity
         self.work = Path(tempfile.mkdtemp(prefix="pccnet-studio-"))
         self.server = None
         self.client = None
         try:
-            self.colorizer = Colorizer(checkpoint, device=device, connect_memory=False)
+            self.colorizer = Colorizer(checkpoint, device=device, connect_memory=False,
+                                       retrieval_options=retrieval_options)
             col = self.colorizer
             self.image_size = col.image_size
             self.key_dim = col.extractor_dim

@@ -132,6 +132,17 @@ def test_memorize_then_colorize_with_the_named_memory(trained, photos, tmp_path,
         assert colorize_main(["--checkpoint", str(run), "--input", str(photos / "colour.jpg"), "--output", str(out),
                               "--memory", server.endpoint, "--memory-name", "few"]) == 0
         assert (out / "colour.png").is_file()
+        # --retrieval-option: the default mixes all three exemplars, k=1 takes the nearest one's value alone.
+        top1 = tmp_path / "top1"
+        assert colorize_main(["--checkpoint", str(run), "--input", str(photos / "colour.jpg"), "--output", str(top1),
+                              "--memory", server.endpoint, "--memory-name", "few", "--retrieval-option", "k=1"]) == 0
+        assert not np.array_equal(np.asarray(Image.open(top1 / "colour.png")), np.asarray(Image.open(out / "colour.png")))
+        for bad, needle in (("k=0", "retrieval.k must be > 0, got 0"), ("kk=1", "retrieval.kk")):
+            assert colorize_main(["--checkpoint", str(run), "--input", str(photos / "colour.jpg"), "--output",
+                                  str(tmp_path / "bad"), "--memory", server.endpoint, "--memory-name", "few",
+                                  "--retrieval-option", bad]) == 2
+            assert needle in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()
         assert colorize_main(["--checkpoint", str(run), "--input", str(photos / "colour.jpg"), "--output", str(out),
                               "--memory", server.endpoint, "--memory-name", "absent"]) == 2
         assert capsys.readouterr().err.splitlines()[-1].startswith("error: memory 'absent' does not exist on")

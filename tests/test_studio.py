@@ -138,6 +138,21 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert main(["--checkpoint", str(tmp_path), "--port", "70000"]) == 2
     assert "--port must be in 0..65535" in capsys.readouterr().err
     assert main(["--checkpoint", str(tmp_path), "--max-pixels", "0"]) == 2
+    # --retrieval-option is validated as a config is, before any server starts.
+    ckpt = make_checkpoint(tmp_path / "run")
+    capsys.readouterr()
+    assert main(["--checkpoint", str(ckpt), "--port", "0", "--retrieval-option", "mix=median"]) == 2
+    assert "retrieval.mix must be one of" in capsys.readouterr().err
+
+
+def test_retrieval_options_reach_the_colorizer(tmp_path):
+    from trainer.inference import Colorizer
+    from trainer.retrieval import RetrievalOptions
+
+    ckpt = make_checkpoint(tmp_path / "run")
+    col = Colorizer(ckpt, connect_memory=False, retrieval_options=["k=1", "retrieval.flip=false"])
+    assert col.retrieval == RetrievalOptions(k=1, temperature=0.1, mix="mean", flip=False, anneal=1.0)
+    assert Colorizer(ckpt, connect_memory=False).retrieval == RetrievalOptions.of(col.cfg.retrieval)
 
 
 # --- a studio process on an external memory server ------------------------------------------------------

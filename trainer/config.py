@@ -553,3 +553,14 @@ def resume_differences(saved: TrainConfig, current: TrainConfig) -> dict[str, li
         "shape": [k for k in changed if k in SHAPE_KEYS],
         "other": [k for k in changed if k not in RESUMABLE_KEYS and k not in SHAPE_KEYS],
     }
+
+
+def retrieval_with(cfg: TrainConfig, overrides: list[str] | tuple[str, ...] = ()) -> RetrievalConfig:
+    """cfg's `retrieval:` section with "key=value" overrides ("k=1" or "retrieval.k=1"), validated as a config
+    is: what `--retrieval-option` of colorize, evaluate and the studio give."""
+    if not overrides:
+        return cfg.retrieval
+    data = config_to_dict(cfg)
+    for item in overrides:
+        apply_override(data, item if item.startswith("retrieval.") else f"retrieval.{item}")
+    return config_from_dict(data).retrieval

@@ -21,7 +21,7 @@ from pccnet import metrics
 from pccnet.color import lab_from_network, lab_to_rgb
 from pccnet.losses import kl_divergence
 from trainer.calibrate import QUANTILES, calibrate_threshold, calibration_report  # noqa: F401 (re-exported)
-from trainer.config import DataConfig, apply_override, config_from_dict, config_to_dict
+from trainer.config import DataConfig, retrieval_with
 from trainer.data import make_eval_loader
 from trainer.inference import Colorizer
 from trainer.retrieval import RetrievalOptions
@@ -202,8 +202,4 @@ def retrieval_overrides(checkpoint: str | Path, overrides: list[str] | tuple[str
     """The checkpoint's retrieval settings with "key=value" overrides, validated as the config is."""
     from trainer.checkpoint import load_for_inference
 
-    cfg = load_for_inference(checkpoint)["config"]
-    data = config_to_dict(cfg)
-    for item in overrides:
-        apply_override(data, item if item.startswith("retrieval.") else f"retrieval.{item}")
-    return RetrievalOptions.of(config_from_dict(data).retrieval)
+    return RetrievalOptions.of(retrieval_with(load_for_inference(checkpoint)["config"], overrides))

@@ -33,7 +33,7 @@ from trainer.checkpoint import (
     load_trainable_state,
     restore_memory,
 )
-from trainer.config import ConfigError
+from trainer.config import ConfigError, retrieval_with
 from trainer.data import DataError
 from trainer.images import center_crop_resize, image_to_sample, load_rgb, to_rgb
 from trainer.retrieval import (
@@ -101,13 +101,16 @@ class Colorizer:
     def __init__(self, checkpoint: str | Path, device: str | None = None, memory: str | None = None,
                  memory_name: str | None = None, timeout_ms: int = 30000, need_memory: bool = False,
                  memory_from: str | Path | None = None, connect_memory: bool = True,
-                 retrieval: RetrievalOptions | None = None) -> None:
+                 retrieval: RetrievalOptions | None = None, retrieval_options: tuple[str, ...] | list[str] = ()
+                 ) -> None:
         self.device = pick_device(device)
         state = load_for_inference(checkpoint, map_location="cpu")
         self.path = state["path"]
         self.cfg = state["config"]
-        # How retrieval forms its answer: the checkpoint's `retrieval:` section unless given here.
-        self.retrieval = retrieval if retrieval is not None else RetrievalOptions.of(self.cfg.retrieval)
+        # How retrieval forms its answer: the checkpoint's `retrieval:` section ("key=value" overrides applied)
+        # unless given here.
+        self.retrieval = (retrieval if retrieval is not None
+                          else RetrievalOptions.of(retrieval_with(self.cfg, retrieval_options)))
         self.image_size = self.cfg.data.image_size
         self.background = self.cfg.data.background
         self.generator = Generator(self.cfg.model.generator)
@@ -372,7 +375,7 @@ def memorize(checkpoint: str | Path, endpoint: str, name: str, paths: list[Path]
 
 def colorize_command(checkpoint: str | Path, inputs: list[str], output: str | Path, memory: str | None = None,
                      memory_name: str | None = None, batch_size: int = 8, device: str | None = None,
-                     overwrite: bool = False) -> int:
+                     overwrite: bool = False, retrieval_options: tuple[str, ...] | list[str] = ()) -> int:
     """launch/colorize.py: colour PNGs of every input (trainer/folders.py); prints unreadable ones and a summary.
 
     Exit code 1 when no input could be read (and none was done before), else 0.
@@ -380,7 +383,8 @@ def colorize_command(checkpoint: str | Path, inputs: list[str], output: str | Pa
     from trainer.folders import colorize_files
 
     paths = expand_inputs(inputs)
-    with Colorizer(checkpoint, device=device, memory=memory, memory_name=memory_name) as col:
+    with Colorizer(checkpoint, device=device, memory=memory, memory_name=memory_name,
+                   retrieval_options=retrieval_options) as col:
         report = colorize_files(col, paths, output, batch_size, overwrite=overwrite)
     for path, why in report["failed"]:
         print(f"skipped {path}: {why}", file=sys.stderr)
