@@ -39,6 +39,9 @@ def pokemon_altform(data: Path) -> tuple[list[str], list[tuple[str, str]]]:
         raise ValueError(f"base forms not in split_altform_train.txt: {', '.join(missing[:5])}")
     exemplars = {f"{label}.png" for label in forms}
     base = [name for name in train if name not in exemplars]
+    if not base:
+        raise ValueError(f"no training image is left once the {len(exemplars)} exemplar base forms are taken out "
+                         "of split_altform_train.txt")
     novel = [(label, name) for label in sorted(forms, key=int) for name in [f"{label}.png", *sorted(forms[label])]]
     return base, novel
 
