@@ -79,6 +79,22 @@ def test_the_train_section_is_checked():
         load_config(None, ["train.optimizer=fast"])
 
 
+def test_phase1_threads_leave_the_loader_workers_their_cores(monkeypatch):
+    monkeypatch.setattr(speed, "usable_cores", lambda: 2)
+    auto, cpu = SpeedConfig(), torch.device("cpu")
+    assert speed.phase1_threads(auto, workers=2, local_world=1, device=cpu) == 1
+    assert speed.phase1_threads(auto, workers=0, local_world=1, device=cpu) == 2
+    monkeypatch.setattr(speed, "usable_cores", lambda: 16)
+    assert speed.phase1_threads(auto, workers=2, local_world=1, device=cpu) == 14
+    assert speed.phase1_threads(auto, workers=2, local_world=4, device=cpu) == 2
+    assert speed.phase1_threads(SpeedConfig(phase1_cpu_threads=3), 2, 1, cpu) == 3
+    assert speed.phase1_threads(auto, 2, 1, torch.device("meta")) is None  # only CPU devices are touched
+    assert load_config(None, ["train.phase1_cpu_threads=4"]).train.phase1_cpu_threads == 4
+    for bad in ("0", "many", "true"):
+        with pytest.raises(ConfigError, match="phase1_cpu_threads"):
+            load_config(None, [f"train.phase1_cpu_threads={bad}"])
+
+
 def test_gpu_check_script_parses_and_measures_every_target():
     """The one-command GPU check is valid bash and runs each issue-13 section (it was run end to end with
     GPU_CHECK_CPU=1; that takes minutes, so here only its syntax and sections are checked)."""

@@ -116,6 +116,12 @@ class Runner:
         self.ctx = StepContext(accelerator=acc, loss=cfg.loss, phase1=cfg.phase1, use_memory=cfg.model.use_memory,
                                world_size=self.world, seed=cfg.run.seed, channels_last=cfg.train.channels_last)
         self.patch_rng = torch.Generator().manual_seed(cfg.run.seed * 31 + self.rank)
+        self.threads = {2: torch.get_num_threads()}
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
+        self.threads[1] = speed.phase1_threads(cfg.train, cfg.data.workers, local_world, acc.device) or self.threads[2]
+        if self.threads[1] != self.threads[2]:
+            log.info("phase 1 on %d CPU thread(s), phase 2 on %d (train.phase1_cpu_threads=%s, data.workers=%d)",
+                     self.threads[1], self.threads[2], cfg.train.phase1_cpu_threads, cfg.data.workers)
 
     def _resume(self, parts: ckpt_io.TrainingParts) -> dict:
         state = ckpt_io.load_checkpoint(self.resume_from)
@@ -151,6 +157,8 @@ class Runner:
         done = self.start_step  # steps finished, so a resume with nothing left reports where it stands
         for step in range(self.start_step, self.total_steps):
             phase = 1 if step < self.cfg.phase1.steps else 2
+            if torch.get_num_threads() != self.threads[phase]:
+                torch.set_num_threads(self.threads[phase])
             self.train_step(step, phase)
             self.after_step(step + 1, phase, bar)
             bar.update(1)
