@@ -83,14 +83,16 @@ def test_an_unanswered_update_fails_within_its_deadline():
         ctx.term()
 
 
-def _phase1(tmp_path, pipeline: bool, update_query: str = "post_step", steps: int = 5) -> tuple[dict, dict]:
-    """`steps` real memory_steps of a tiny extractor against an embedded server; the export and hits."""
+def _phase1(tmp_path, pipeline: bool, update_query: str = "post_step", steps: int = 5, key_cache: bool = False,
+            between=None, address: str | None = None) -> tuple[dict, dict]:
+    """`steps` real memory_steps of a tiny extractor against an embedded server; the export and hits.
+    `between(step, memory)` runs after each step."""
     acc = Accelerator(cpu=True)
     torch.manual_seed(0)
     extractor = MemoryExtractor(ExtractorConfig(backbone="resnet18-scratch", dim=DIM, resnet_width=1))
     opt = torch.optim.Adam(extractor.parameters(), lr=1e-2)
-    memory = TrainerMemory(MemoryConfig(address=None, capacity=CAPACITY, durability="none", pipeline=pipeline),
-                           tmp_path / ("on" if pipeline else "off"), rank=0)
+    cfg = MemoryConfig(address=address, capacity=CAPACITY, durability="none", pipeline=pipeline, key_cache=key_cache)
+    memory = TrainerMemory(cfg, tmp_path / f"{pipeline}-{key_cache}-{update_query}", rank=0)
     ctx = StepContext(accelerator=acc, loss=LossConfig(), use_memory=True, world_size=1, seed=3,
                       phase1=Phase1Config(k=4, threshold=0.8, age_noise=2.0, update_query=update_query))
     try:
@@ -103,8 +105,13 @@ def _phase1(tmp_path, pipeline: bool, update_query: str = "post_step", steps: in
                      "item_id": torch.arange(step * B, (step + 1) * B)}
             scalars, _ = memory_step(ctx, extractor, opt, batch, memory, step)
             hit_rates.append(scalars.get("mem/hit_rate"))
+            if between is not None:
+                between(step, memory)
         last = memory.take_update()
-        return memory.export(), {"rates": hit_rates, "last": last, "written": dict(memory.written)}
+        mirror = None if memory.mirror is None else memory.mirror.keys.copy()
+        weights = torch.cat([p.detach().flatten() for p in extractor.parameters()]).numpy()
+        return memory.export(), {"rates": hit_rates, "last": last, "written": dict(memory.written),
+                                 "mirror": mirror, "weights": weights, "queries": memory.calls["query"]}
     finally:
         memory.close()
 
@@ -122,3 +129,48 @@ def test_pipelining_leaves_the_memory_bit_for_bit_the_same(tmp_path, update_quer
     assert on_hits["rates"][1:] == off_hits["rates"][:-1]
     assert float(np.mean(on_hits["last"]["hit"])) == off_hits["rates"][-1]
     assert on_hits["written"] == off_hits["written"] and sum(on_hits["written"].values()) == 5 * B
+
+
+@pytest.mark.parametrize("address", [None, "inproc"])
+def test_the_key_mirror_trains_bit_for_bit_like_keys_in_the_reply(tmp_path, address):
+    off, off_run = _phase1(tmp_path, pipeline=True, steps=6, key_cache=False, address=address)
+    on, on_run = _phase1(tmp_path, pipeline=True, steps=6, key_cache=True, address=address)
+    assert off_run["mirror"] is None and on_run["mirror"] is not None  # the mirror was used to the end
+    assert on_run["mirror"].tobytes() == on["keys"].tobytes()  # and equals the server's keys exactly
+    assert on_run["weights"].tobytes() == off_run["weights"].tobytes()
+    for name in ("keys", "values", "ages", "item_ids"):
+        assert off[name].tobytes() == on[name].tobytes(), name
+    assert on_run["rates"] == off_run["rates"] and on_run["queries"] == off_run["queries"] == 6
+
+
+def test_a_second_writer_drops_the_key_mirror_and_training_goes_on(tmp_path, caplog):
+    def other_client_writes(step, memory):
+        if step == 2:
+            q, v = unit_rows(1, DIM, 9)
+            with MemoryClient(memory.endpoint) as other:
+                other.update(q, v, threshold=0.0, seed=1)
+
+    with caplog.at_level("WARNING", logger="trainer.memory"):
+        on, on_run = _phase1(tmp_path, pipeline=True, key_cache=True, between=other_client_writes)
+    off, off_run = _phase1(tmp_path, pipeline=True, key_cache=False, between=other_client_writes)
+    assert on_run["mirror"] is None and "memory.key_cache dropped" in caplog.text
+    assert "the mirror at" in caplog.text
+    assert on_run["weights"].tobytes() == off_run["weights"].tobytes()  # the stale copy was never used
+    assert on["version"] == off["version"] == 6 and on["keys"].tobytes() == off["keys"].tobytes()
+
+
+def test_the_key_mirror_spot_check_finds_a_wrong_key(server):
+    from trainer.keymirror import KeyMirror, MirrorStale
+
+    with MemoryClient(server.endpoint, memory="mirror") as client:
+        client.create(capacity=CAPACITY, key_dim=DIM, value_dim=NUM_BINS, seed=4)
+        mirror = KeyMirror(client, CAPACITY, torch.device("cpu"), seed=0)
+        q, v = unit_rows(B, DIM, 5)
+        mirror.apply_update(q, client.update(q, v, threshold=0.5, seed=2))
+        mirror.verify()  # equal after a replayed update
+        assert mirror.keys.tobytes() == client.export()["keys"].tobytes()
+        mirror.keys[3, 0] = np.nextafter(mirror.keys[3, 0], np.float32(2))  # one ulp off
+        with pytest.raises(MirrorStale, match="slot 3's key differs"):
+            mirror.verify()
+        with pytest.raises(MirrorStale, match="version 3"):
+            mirror.apply_update(q, {"version": 3, "hit": np.zeros(B, bool), "slots": np.arange(B)})

@@ -223,9 +223,16 @@ class MemoryConfig(_Section):
     # Send each phase-1 update without waiting for its reply (collected before the next query, so the
     # memory is the same bit for bit); false: wait for every reply, as before.
     pipeline: bool = True
+    # Phase-1 queries read their top-k keys from this process's exact copy of the memory's keys instead
+    # of the reply (trainer.keymirror): "auto" in single-process runs (the only writer), true, false.
+    # Memories whose keys exceed key_cache_mb keep the keys in the replies.
+    key_cache: bool | str = "auto"
+    key_cache_mb: int = 512
 
     def validate(self, path: str) -> None:
-        _positive(self, path, "capacity", "timeout_ms")
+        _positive(self, path, "capacity", "timeout_ms", "key_cache_mb")
+        if isinstance(self.key_cache, str) and self.key_cache != "auto":
+            raise ConfigError(f"{path}.key_cache must be true, false or 'auto', got {self.key_cache!r}")
         if self.retries < 0:
             raise ConfigError(f"{path}.retries must be >= 0, got {self.retries}")
         _choice(self, path, "durability", ("always", "batch", "none"))

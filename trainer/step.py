@@ -57,8 +57,9 @@ def memory_step(ctx: StepContext, extractor: nn.Module, opt: torch.optim.Optimiz
     target_np = target.cpu().numpy()
     t1 = time.perf_counter()
     previous = memory.take_update()  # the last step's pipelined update: lands before this query is sent
-    # Top-k selection and the KL labelling stay on the server; only the keys the loss needs come back.
-    reply = memory.query(q_np, k=ctx.phase1.k, targets=target_np, fields=("keys",))
+    # Top-k selection and the KL labelling stay on the server; the keys the loss needs come back with
+    # the reply or from the rank's key mirror (memory.key_cache).
+    reply, keys = memory.query_with_keys(q_np, ctx.phase1.k, target_np, device)  # keys [B, k, 512], constants
     # Ages advance once per update request, so N ranks age the memory N times per global step: the
     # noise, measured in those units, scales with the world size (SYSTEMS.md 1.4, hazard C3).
     update = dict(threshold=ctx.phase1.threshold, age_noise=ctx.phase1.age_noise * ctx.world_size,
@@ -68,7 +69,6 @@ def memory_step(ctx: StepContext, extractor: nn.Module, opt: torch.optim.Optimiz
     if pre_step:
         memory.submit_update(q_np, target_np, **update)
     t2 = time.perf_counter()
-    keys = torch.from_numpy(reply["keys"]).to(device)  # [B, k, 512], constants
     positive = torch.from_numpy(reply["kl"] < ctx.phase1.threshold).to(device)  # [B, k]
     sims = torch.einsum("bd,bkd->bk", query.float(), keys.float())
     loss_m = losses.circle_loss(sims, positive, gamma=ctx.loss.circle_gamma, margin=ctx.loss.circle_margin)
