@@ -75,9 +75,17 @@ class ExtractorConfig:
     backbone: str = "alexnet-imagenet"  # one of BACKBONES
     dim: int = 512  # query length
     resnet_width: int = 64  # stem width of resnet18-scratch (features = 8 * resnet_width)
+    # The pretrained backbone's last N convs are trained in phase 1 too (0: the head alone, the paper).
+    # Trained convs are saved with the head, so they change the checkpoint's contents (a shape key).
+    train_convs: int = 0
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
             raise ValueError(f"ExtractorConfig.backbone must be one of {BACKBONES}, got {self.backbone!r}")
         _check_positive_ints(self, ("dim", "resnet_width"))
+        if not isinstance(self.train_convs, int) or self.train_convs < 0:
+            raise ValueError(f"ExtractorConfig.train_convs must be an int >= 0, got {self.train_convs!r}")
+        if self.train_convs and self.backbone == "resnet18-scratch":
+            raise ValueError(f"ExtractorConfig.train_convs={self.train_convs} needs a pretrained backbone: "
+                             "resnet18-scratch trains all of its layers already")
 

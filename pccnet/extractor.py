@@ -30,6 +30,7 @@ class MemoryExtractor(nn.Module):
     def __init__(self, cfg: ExtractorConfig = ExtractorConfig()) -> None:
         super().__init__()
         self.cfg = cfg
+        # A pretrained backbone: always in eval, small inputs upsampled; train_convs may still train its top.
         self.frozen = cfg.backbone != "resnet18-scratch"
         if cfg.backbone == "alexnet-imagenet":
             self.backbone: nn.Module = AlexNetFeatures.from_pretrained(freeze=True)
@@ -40,6 +41,13 @@ class MemoryExtractor(nn.Module):
         else:
             self.backbone = ResNet18(cfg.resnet_width)
             self.feature_dim = self.backbone.out_channels  # 8 * resnet_width
+        if cfg.train_convs:
+            convs = self.backbone.convs
+            if cfg.train_convs > len(convs):
+                raise ValueError(f"ExtractorConfig.train_convs={cfg.train_convs}: {cfg.backbone} has only "
+                                 f"{len(convs)} convs")
+            for conv in convs[len(convs) - cfg.train_convs:]:
+                conv.requires_grad_(True)
         self.proj = nn.Linear(self.feature_dim, cfg.dim)  # W, b of q = (W s + b) / ||W s + b||
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -52,8 +60,19 @@ class MemoryExtractor(nn.Module):
         return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """What phase 1 optimises: the head, plus the backbone when it is trained from scratch."""
+        """What phase 1 optimises: the head, plus the backbone when it is trained from scratch and the
+        pretrained backbone's last `cfg.train_convs` convs."""
         return [p for p in self.parameters() if p.requires_grad]
+
+    def parameter_groups(self, lr: float, backbone_lr_scale: float) -> list[dict]:
+        """Optimizer groups: the head (and a from-scratch backbone) at lr, trained pretrained convs at
+        lr * backbone_lr_scale (a full lr would quickly forget the ImageNet features they start from)."""
+        tuned = [p for p in self.backbone.parameters() if p.requires_grad] if self.frozen else []
+        ids = {id(p) for p in tuned}
+        groups = [{"params": [p for p in self.trainable_parameters() if id(p) not in ids], "lr": lr}]
+        if tuned:
+            groups.append({"params": tuned, "lr": lr * backbone_lr_scale})
+        return groups
 
     def backbone_features(self, light: Tensor) -> Tensor:
         """light [B,1,H,W] -> globally average-pooled backbone features [B, feature_dim]."""

@@ -18,6 +18,7 @@ __all__ = [
     "patch_contrastive_loss",
     "intra_correlation_loss",
     "circle_loss",
+    "neighbour_mix_loss",
     "smooth_l1_loss",
     "lsgan_d_loss",
     "lsgan_g_loss",
@@ -154,6 +155,25 @@ def circle_loss(sims: Tensor, positive: Tensor, gamma: float = 256.0, margin: fl
         total = torch.where(valid, per_query, per_query.new_zeros(())).sum()
         # No valid query: total is a 0 that still depends on sims, so backward() works and gives 0.
         return total / valid.sum().clamp_min(1).to(dtype)
+
+
+def neighbour_mix_loss(sims: Tensor, divergence: Tensor, temperature: float = 0.1) -> Tensor:
+    """Expected divergence of a neighbour drawn by softmax(sims / temperature): mean over queries of
+    sum_j w_j d_j. Not in the paper; trains the key space for the similarity-weighted mix of values that
+    test-time retrieval returns, since KL is jointly convex: KL(sum_j w_j v_j || own) <= sum_j w_j KL(v_j || own).
+
+    sims: [B,k] query-key cosine similarities (the gradient flows through these); divergence: [B,k]
+    constants, e.g. the memory's KL(value_j || own colour feature).
+    """
+    if sims.dim() != 2 or divergence.shape != sims.shape:
+        raise ValueError(f"sims and divergence must both be [B,k], got {tuple(sims.shape)} and "
+                         f"{tuple(divergence.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    dtype = _float_dtype(sims)
+    with _no_autocast(sims.device):
+        w = torch.softmax(sims.to(dtype) / temperature, dim=1)
+        return (w * divergence.detach().to(dtype)).sum(dim=1).mean()
 
 
 def smooth_l1_loss(pred: Tensor, target: Tensor, delta: float = 1.0) -> Tensor:

@@ -175,6 +175,11 @@ def test_evaluate_retrieval_scores_the_memory(trained, tmp_path):
     # neither the memory nor the extractor): the same share within the threshold.
     rows = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
     assert [row["val/retrieval_acc"] for row in rows if "val/retrieval_acc" in row] == [r["acc@1.5"]]
+    # ... and the configured retrieval's Jensen-Shannon to each image's own colours (the stopping rule's figure).
+    mixed = tmp_path / "mixed.json"
+    assert evaluate_main(["--checkpoint", str(run), "--data", shards, "--output", str(mixed), "--retrieval"]) == 0
+    js = json.loads(mixed.read_text())["retrieval_kl_js"]
+    assert [row["val/retrieval_js"] for row in rows if "val/retrieval_js" in row] == [pytest.approx(js, rel=1e-9)]
 
 
 @pytest.mark.slow

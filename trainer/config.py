@@ -144,7 +144,17 @@ class Phase1Config(_Section):
     # 1.5 on Pokemon makes 54 % of pairs positive and the memory collapses.
     threshold: float | str = "auto"
     age_noise: float = 4.0
-    val_every: int = 0  # steps between retrieval-accuracy evaluations on data.val; 0: only at the end
+    val_every: int = 0  # steps between retrieval evaluations on data.val; 0: only at the end
+    # The stopping rule: after this many evaluations without a lower val/retrieval_js (the configured
+    # retrieval's Jensen-Shannon to each val image's own colours), phase 1 ends early and the extractor
+    # and memory of the best evaluation are restored. 0: off. Needs data.val and val_every.
+    patience: int = 0
+    backbone_lr_scale: float = 0.1  # lr of model.extractor.train_convs' convs = lr * this
+    # Weight of the neighbour-mix loss (pccnet.losses.neighbour_mix_loss, not in the paper) added to the
+    # circle loss: the softmax(sims / mix_temperature)-weighted KL of the top-k values to the image's own.
+    # 0: the paper's phase 1.
+    mix_weight: float = 0.0
+    mix_temperature: float = 0.1
     # After phase 1, write every training image once with the final extractor: keys written during
     # training came from earlier extractor states and drift away from test-time queries.
     reindex: bool = False
@@ -157,6 +167,14 @@ class Phase1Config(_Section):
             raise ConfigError(f"{path}.steps must be >= 0, got {self.steps}")
         _positive(self, path, "lr", "k")
         _choice(self, path, "update_query", ("post_step", "pre_step"))
+        if self.mix_weight < 0 or self.mix_temperature <= 0:
+            raise ConfigError(f"{path}: mix_weight must be >= 0 and mix_temperature > 0, got {self.mix_weight} "
+                              f"and {self.mix_temperature}")
+        if self.patience < 0 or self.backbone_lr_scale <= 0:
+            raise ConfigError(f"{path}: patience must be >= 0 and backbone_lr_scale > 0, got {self.patience} "
+                              f"and {self.backbone_lr_scale}")
+        if self.patience and not self.val_every:
+            raise ConfigError(f"{path}.patience={self.patience} needs {path}.val_every > 0 (the evaluations it counts)")
         if isinstance(self.threshold, str) and self.threshold != "auto":
             raise ConfigError(f"{path}.threshold must be a number of nats or 'auto', got {self.threshold!r}")
         if (not isinstance(self.threshold, str) and self.threshold < 0) or self.age_noise < 0 or self.val_every < 0:
@@ -309,7 +327,7 @@ class TrainConfig:
 
 # Keys that only set the length or bookkeeping of a run: they may change on resume.
 RESUMABLE_KEYS = (
-    "phase1.steps", "phase2.steps", "phase1.val_every", "run.checkpoint_every", "run.log_every",
+    "phase1.steps", "phase2.steps", "phase1.val_every", "phase1.patience", "run.checkpoint_every", "run.log_every",
     "run.sample_every", "run.keep_checkpoints", "run.out_dir", "run.collective_timeout_s",
     "run.check_ddp_every_log", "data.workers", "data.cache_mb", "data.train", "data.val", "memory.address",
     "memory.pipeline", "memory.timeout_ms", "memory.retries", "metrics.port", "retrieval.k",

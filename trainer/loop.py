@@ -35,7 +35,14 @@ from trainer.data import DataError, expand_pattern, make_eval_loader, make_train
 from trainer.distributed import check_ddp_consistency, make_accelerator, max_param_diff
 from trainer.memory import TrainerMemory
 from trainer.models import build_generator
-from trainer.retrieval import PAPER, collapse_warning, retrieval_kl, uniform_color_feature
+from trainer.retrieval import (
+    PAPER,
+    RetrievalOptions,
+    collapse_warning,
+    retrieval_js,
+    retrieval_kl,
+    uniform_color_feature,
+)
 from trainer.stats import JsonlWriter, Stats, TrainerMetrics
 from trainer.step import StepContext, gan_step, memory_step
 from trainer.visual import plot_run_curves, save_sample_grid
@@ -77,6 +84,7 @@ class Runner:
         self.start_step = 0
         self.sample_batch = None
         self.phase1_probe: list[torch.Tensor] = []  # a few phase-1 images, for the collapse check
+        self.phase1_best: dict | None = None  # phase1.patience: the best evaluation's step, JS and state
 
     # --- set-up -----------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -93,7 +101,7 @@ class Runner:
         extractor, gen, disc = (m.to(acc.device) for m in (extractor, gen, disc))
         speed.prepare_modules(cfg.train, acc.device, gen, disc)
         adam = speed.adam_options(cfg.train, acc.device)
-        opt_m = torch.optim.Adam([p for p in extractor.parameters() if p.requires_grad], lr=cfg.phase1.lr, **adam)
+        opt_m = torch.optim.Adam(extractor.parameter_groups(cfg.phase1.lr, cfg.phase1.backbone_lr_scale), **adam)
         betas = tuple(cfg.phase2.betas)
         opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.phase2.lr, betas=betas, **adam)
         opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.phase2.lr, betas=betas, **adam)
@@ -155,14 +163,14 @@ class Runner:
         self.last_logged: dict[str, float] = {}
         self.window = [time.perf_counter(), 0]  # start of the log interval, images seen in it (all ranks)
         done = self.start_step  # steps finished, so a resume with nothing left reports where it stands
-        for step in range(self.start_step, self.total_steps):
-            phase = 1 if step < self.cfg.phase1.steps else 2
+        while done < self.total_steps:
+            phase = 1 if done < self.cfg.phase1.steps else 2
             if torch.get_num_threads() != self.threads[phase]:
                 torch.set_num_threads(self.threads[phase])
-            self.train_step(step, phase)
-            self.after_step(step + 1, phase, bar)
-            bar.update(1)
-            done = step + 1
+            self.train_step(done, phase)
+            after = self.after_step(done + 1, phase, bar)  # > done + 1 when the stopping rule ends phase 1
+            bar.update(after - done)
+            done = after
         bar.close()
         if self.start_step >= self.total_steps and self.total_steps > 0 and self.main:
             log.info("nothing to do: the checkpoint is at step %d of %d", self.start_step, self.total_steps)
@@ -202,27 +210,75 @@ class Runner:
         self.metrics.corrupt.labels(self.metrics.rank).set(self.loader.n_corrupt)
         self.metrics.observe_step(images, timings, scalars)
 
-    def after_step(self, done: int, phase: int, bar) -> None:
-        """What falls due after `done` steps: log line, validation, collapse check, samples, checkpoint."""
+    def after_step(self, done: int, phase: int, bar) -> int:
+        """What falls due after `done` steps: log line, validation, stopping rule, collapse check, samples,
+        checkpoint. Returns the step the run goes on from: `done`, or phase1.steps when phase 1 stopped early."""
         cfg = self.cfg
         end_of_phase1 = done == cfg.phase1.steps
         if done % cfg.run.log_every == 0 or done == self.total_steps or end_of_phase1:
             self.last_logged = self._log(done, phase, bar)
             if cfg.run.check_ddp_every_log:
                 check_ddp_consistency(self._modules(), done)
-        if end_of_phase1 and cfg.phase1.reindex:
-            if self.main:
-                self._reindex()
-            self.acc.wait_for_everyone()
-        if cfg.data.val and phase == 1 and (end_of_phase1 or (cfg.phase1.val_every and
-                                                              done % cfg.phase1.val_every == 0)):
-            self._log_row(done, {"val/retrieval_acc": self.retrieval_accuracy()})
+        stopped = False
+        if cfg.phase1.patience:  # reindexing waits for the best state (restored below)
+            if phase == 1 and (end_of_phase1 or done % cfg.phase1.val_every == 0):
+                row = self.validate_retrieval()
+                self._log_row(done, row)
+                stopped = self._stopping_rule(done, row["val/retrieval_js"]) and not end_of_phase1
+                if stopped or end_of_phase1:
+                    self._restore_best(done, stopped)
+                    done, end_of_phase1 = cfg.phase1.steps, True
+                    self._reindex_if_asked(log_validation=done)
+        else:
+            if end_of_phase1:
+                self._reindex_if_asked()
+            if cfg.data.val and phase == 1 and (end_of_phase1 or (cfg.phase1.val_every and
+                                                                  done % cfg.phase1.val_every == 0)):
+                self._log_row(done, self.validate_retrieval())
         if end_of_phase1 and self.main:
             self._warn_if_collapsed()
         if phase == 2 and self.main and done % cfg.run.sample_every == 0:
             self._save_samples(done)
-        if done % cfg.run.checkpoint_every == 0 or done == self.total_steps:
+        if done % cfg.run.checkpoint_every == 0 or done == self.total_steps or stopped:
             self.save(done)
+        return done
+
+    def _stopping_rule(self, done: int, js: float) -> bool:
+        """phase1.patience: remember the best evaluation's extractor and memory; True when the last
+        `patience` evaluations found none lower."""
+        best = self.phase1_best
+        if best is None or js < best["js"]:
+            extractor = self.acc.unwrap_model(self.extractor)
+            self.phase1_best = {"js": js, "step": done, "since": 0,
+                                "extractor": {k: v.detach().clone() for k, v in extractor.state_dict().items()},
+                                "memory": self.memory.export() if self.main else None}
+            return False
+        best["since"] += 1
+        return best["since"] >= self.cfg.phase1.patience
+
+    def _restore_best(self, done: int, stopped: bool) -> None:
+        """End of phase 1 under the stopping rule: the extractor and memory of the best evaluation."""
+        best, self.phase1_best = self.phase1_best, None
+        self.memory.take_update()  # every rank's in-flight update lands before the memory is overwritten
+        self.acc.wait_for_everyone()
+        if best is not None and best["step"] != done:
+            self.acc.unwrap_model(self.extractor).load_state_dict(best["extractor"])
+            if self.main:
+                self.memory.restore(best["memory"])
+                log.info("phase 1 %s after step %d: the lowest val/retrieval_js was at step %d (%.4f), whose "
+                         "extractor and memory are restored; phase 2 starts at step %d",
+                         f"stopped (phase1.patience={self.cfg.phase1.patience})" if stopped else "ended", done,
+                         best["step"], best["js"], self.cfg.phase1.steps)
+            self.acc.wait_for_everyone()
+
+    def _reindex_if_asked(self, log_validation: int | None = None) -> None:
+        if not self.cfg.phase1.reindex:
+            return
+        if self.main:
+            self._reindex()
+        self.acc.wait_for_everyone()
+        if log_validation is not None:  # what phase 2 and test-time retrieval will see
+            self._log_row(log_validation, self.validate_retrieval())
 
     def _modules(self) -> dict[str, torch.nn.Module]:
         unwrap = self.acc.unwrap_model
@@ -292,22 +348,32 @@ class Runner:
             log.warning(warning)
 
     @torch.no_grad()
-    def retrieval_accuracy(self) -> float:
-        """Share of data.val images whose nearest written slot's value is within the KL threshold of their own.
+    def validate_retrieval(self) -> dict[str, float]:
+        """Phase 1's validation on data.val (the same figures on every rank):
 
-        Always the paper's top-1, the criterion phase 1 trains for: KL(retrieved || own) penalises the
-        broad blend of `retrieval.k` > 1 values although that blend colours better (docs/RESULTS.md).
+        - `val/retrieval_acc`: share of images whose nearest written slot's value is within the KL
+          threshold of their own. Always the paper's top-1, the criterion phase 1 trains for;
+          KL(retrieved || own) penalises the broad blend of `retrieval.k` > 1 values although that blend
+          colours better (docs/RESULTS.md).
+        - `val/retrieval_js`: mean Jensen-Shannon (nats) between the configured retrieval's answer and each
+          image's own colours: what test-time colouring gets, and what the stopping rule watches.
         """
         hits = total = 0
+        js_sum = 0.0
+        options = RetrievalOptions.of(self.cfg.retrieval)
         with self._eval_extractor() as extractor:
             for batch in make_eval_loader(self.cfg.data.val, self.cfg.data, self.rank, self.world):
-                c, _ = self.memory.retrieve(extractor, batch["light"].to(self.acc.device), PAPER)
-                hits += int((retrieval_kl(c, batch["color_feature"]) < self.cfg.phase1.threshold).sum())
+                light, own = batch["light"].to(self.acc.device), batch["color_feature"]
+                c, _ = self.memory.retrieve(extractor, light, PAPER)
+                hits += int((retrieval_kl(c, own) < self.cfg.phase1.threshold).sum())
+                mixed = c if options == PAPER else self.memory.retrieve(extractor, light, options)[0]
+                js_sum += float(retrieval_js(mixed, own).sum())
                 total += c.shape[0]
         if self.world > 1:
-            parts = gather_object([(hits, total)])
-            hits, total = sum(p[0] for p in parts), sum(p[1] for p in parts)
-        return hits / total if total else float("nan")
+            parts = gather_object([(hits, js_sum, total)])
+            hits, js_sum, total = (sum(p[i] for p in parts) for i in range(3))
+        nan = float("nan")
+        return {"val/retrieval_acc": hits / total if total else nan, "val/retrieval_js": js_sum / total if total else nan}
 
     def _save_samples(self, done: int, name: str | None = None) -> None:
         gen = self.acc.unwrap_model(self.gen).generator
@@ -375,6 +441,9 @@ def check_data_patterns(cfg: TrainConfig) -> None:
 
     Run before any process, server or step starts: a wrong data.val used to stop the run after phase 1.
     """
+    if cfg.phase1.patience and cfg.phase1.steps and not cfg.data.val:
+        raise ConfigError(f"phase1.patience={cfg.phase1.patience} needs data.val: the stopping rule watches the "
+                          "retrieval on validation images")
     if not cfg.data.train:
         raise ConfigError("data.train must name the training shards (e.g. data/shards/x/train-{000000..000003}.tar)")
     for key, pattern in (("data.train", cfg.data.train), ("data.val", cfg.data.val)):

@@ -189,6 +189,13 @@ def retrieval_kl(retrieved: Tensor, own: Tensor) -> Tensor:
     return kl_divergence(retrieved.detach().cpu().double(), own.detach().cpu().double())
 
 
+def retrieval_js(retrieved: Tensor, own: Tensor) -> Tensor:
+    """Jensen-Shannon divergence per image [B] in nats (symmetric, at most ln 2), float64 on the CPU."""
+    p, q = retrieved.detach().cpu().double(), own.detach().cpu().double()
+    m = 0.5 * (p + q)
+    return 0.5 * (kl_divergence(p, m) + kl_divergence(q, m))
+
+
 def collapse_warning(filled: int, capacity: int, answers: int, n_probe: int, threshold: float) -> str | None:
     """The phase-1 collapse check on its numbers; the warning to log, or None when the memory looks sound.
 

@@ -72,8 +72,13 @@ def memory_step(ctx: StepContext, extractor: nn.Module, opt: torch.optim.Optimiz
     positive = torch.from_numpy(reply["kl"] < ctx.phase1.threshold).to(device)  # [B, k]
     sims = torch.einsum("bd,bkd->bk", query.float(), keys.float())
     loss_m = losses.circle_loss(sims, positive, gamma=ctx.loss.circle_gamma, margin=ctx.loss.circle_margin)
+    loss = loss_m
+    if ctx.phase1.mix_weight:
+        loss_mix = losses.neighbour_mix_loss(sims, torch.from_numpy(reply["kl"]).to(device),
+                                             ctx.phase1.mix_temperature)
+        loss = loss_m + ctx.phase1.mix_weight * loss_mix
     opt.zero_grad(set_to_none=True)
-    acc.backward(loss_m)
+    acc.backward(loss)
     opt.step()
     t3 = _sync_time(device)
     t4 = t3
@@ -88,6 +93,7 @@ def memory_step(ctx: StepContext, extractor: nn.Module, opt: torch.optim.Optimiz
     valid = positive.any(1) & (~positive).any(1)
     scalars = {
         "loss/m": float(loss_m.detach()),
+        **({"loss/mix": float(loss_mix.detach())} if ctx.phase1.mix_weight else {}),
         "mem/positive_rate": float(positive.float().mean()),
         "mem/valid_queries": float(valid.float().mean()),
         "mem/top1_sim": float(reply["sims"][:, 0].mean()),
