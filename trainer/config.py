@@ -147,7 +147,8 @@ class Phase1Config(_Section):
     val_every: int = 0  # steps between retrieval evaluations on data.val; 0: only at the end
     # The stopping rule: after this many evaluations without a lower val/retrieval_js (the configured
     # retrieval's Jensen-Shannon to each val image's own colours), phase 1 ends early and the extractor
-    # and memory of the best evaluation are restored. 0: off. Needs data.val and val_every.
+    # and memory of the best evaluation are restored. 0: off. Needs data.val and val_every. Rank 0 holds
+    # a copy of the best evaluation's memory in RAM (about capacity x (key_dim + value_dim) x 4 bytes).
     patience: int = 0
     backbone_lr_scale: float = 0.1  # lr of model.extractor.train_convs' convs = lr * this
     # Weight of the neighbour-mix loss (pccnet.losses.neighbour_mix_loss, not in the paper) added to the

@@ -24,7 +24,7 @@ from trainer.calibrate import QUANTILES, calibrate_threshold, calibration_report
 from trainer.config import DataConfig, retrieval_with
 from trainer.data import make_eval_loader
 from trainer.inference import Colorizer
-from trainer.retrieval import RetrievalOptions
+from trainer.retrieval import RetrievalOptions, js_divergence
 
 # FID on fewer images than this is strongly biased (METHOD.md 8.3); flagged, never hidden.
 SMALL_SET = 200
@@ -98,9 +98,7 @@ def bootstrap_fid(preds: np.ndarray, reals: np.ndarray, n_resamples: int, seed: 
 
 def _divergences(p: torch.Tensor, q: torch.Tensor) -> dict[str, torch.Tensor]:
     """KL(p || q), KL(q || p) and Jensen-Shannon of broadcastable distributions (float64), over the last dim."""
-    m = 0.5 * (p + q)
-    return {"kl": kl_divergence(p, q), "kl_rev": kl_divergence(q, p),
-            "js": 0.5 * (kl_divergence(p, m) + kl_divergence(q, m))}
+    return {"kl": kl_divergence(p, q), "kl_rev": kl_divergence(q, p), "js": js_divergence(p, q)}
 
 
 @torch.no_grad()

@@ -220,21 +220,18 @@ class Runner:
             if cfg.run.check_ddp_every_log:
                 check_ddp_consistency(self._modules(), done)
         stopped = False
-        if cfg.phase1.patience:  # reindexing waits for the best state (restored below)
-            if phase == 1 and (end_of_phase1 or done % cfg.phase1.val_every == 0):
-                row = self.validate_retrieval()
-                self._log_row(done, row)
+        if end_of_phase1 and not cfg.phase1.patience:  # under the stopping rule: after the best state is back
+            self._reindex_if_asked()
+        if cfg.data.val and phase == 1 and (end_of_phase1 or (cfg.phase1.val_every and
+                                                              done % cfg.phase1.val_every == 0)):
+            row = self.validate_retrieval()
+            self._log_row(done, row)
+            if cfg.phase1.patience:  # (config checks: patience needs val_every and data.val)
                 stopped = self._stopping_rule(done, row["val/retrieval_js"]) and not end_of_phase1
                 if stopped or end_of_phase1:
                     self._restore_best(done, stopped)
                     done, end_of_phase1 = cfg.phase1.steps, True
                     self._reindex_if_asked(log_validation=done)
-        else:
-            if end_of_phase1:
-                self._reindex_if_asked()
-            if cfg.data.val and phase == 1 and (end_of_phase1 or (cfg.phase1.val_every and
-                                                                  done % cfg.phase1.val_every == 0)):
-                self._log_row(done, self.validate_retrieval())
         if end_of_phase1 and self.main:
             self._warn_if_collapsed()
         if phase == 2 and self.main and done % cfg.run.sample_every == 0:

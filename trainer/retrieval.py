@@ -189,11 +189,15 @@ def retrieval_kl(retrieved: Tensor, own: Tensor) -> Tensor:
     return kl_divergence(retrieved.detach().cpu().double(), own.detach().cpu().double())
 
 
-def retrieval_js(retrieved: Tensor, own: Tensor) -> Tensor:
-    """Jensen-Shannon divergence per image [B] in nats (symmetric, at most ln 2), float64 on the CPU."""
-    p, q = retrieved.detach().cpu().double(), own.detach().cpu().double()
+def js_divergence(p: Tensor, q: Tensor) -> Tensor:
+    """Jensen-Shannon divergence of broadcastable distributions over the last dim, in nats (at most ln 2)."""
     m = 0.5 * (p + q)
     return 0.5 * (kl_divergence(p, m) + kl_divergence(q, m))
+
+
+def retrieval_js(retrieved: Tensor, own: Tensor) -> Tensor:
+    """Jensen-Shannon between the memory's answer and the image's own colours, per image [B], float64 on the CPU."""
+    return js_divergence(retrieved.detach().cpu().double(), own.detach().cpu().double())
 
 
 def collapse_warning(filled: int, capacity: int, answers: int, n_probe: int, threshold: float) -> str | None:
