@@ -66,7 +66,7 @@ def scoreboard(args, overrides: list[str]) -> int:
     options = RetrievalOptions.of(cfg.retrieval)
     device = str(pick_device(args.device))
     images = Path(cfg.fewshot.images)
-    with Memories(phase1, device) as memories:
+    with Memories(phase1, device, flip=options.flip) as memories:
         names = memories.build(data, images)
         results = score(root / "fewshot", ckpts, phase1, memories, names, patterns["test"], options, args.bootstrap,
                         args.batch_size)

@@ -208,7 +208,7 @@ class Studio:
             part = images[start:start + chunk]
             ids = [pixel_item_id(img) for _, img in part]
             slots = memorize_images(self.colorizer.extractor, self.client, name, [img for _, img in part],
-                                    self.image_size, ids, self.colorizer.device)
+                                    self.image_size, ids, self.colorizer.device, flip=self.colorizer.retrieval.flip)
             for slot, (shown, img), iid in zip(slots.tolist(), part, ids):
                 self.registry.record(name, slot, shown, iid, thumbnail_png(img))
                 written.append({"slot": slot, "name": shown})

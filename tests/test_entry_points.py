@@ -128,6 +128,22 @@ def test_memorize_then_colorize_with_the_named_memory(trained, photos, tmp_path,
 
             want = {item_id(str(p)) for p in (photos / "colour.jpg", photos / "gray.png", photos / "sub" / "alpha.png")}
             assert set(exported["item_ids"][written].tolist()) == want
+            # The key is formed as the checkpoint's queries are (retrieval.flip: the mirror-averaged feature).
+            from trainer.checkpoint import load_for_inference
+            from trainer.images import center_crop_resize, image_to_sample, load_rgb
+            from trainer.inference import load_extractor
+            from trainer.retrieval import RetrievalOptions, query_features
+
+            state = load_for_inference(run)
+            cfg = state["config"]
+            assert RetrievalOptions.of(cfg.retrieval).flip
+            size = cfg.data.image_size
+            light = image_to_sample(center_crop_resize(load_rgb(photos / "colour.jpg", cfg.data.background), size),
+                                    size)["light"][None]
+            with torch.no_grad():
+                want_key = query_features(load_extractor(state, "cpu"), light, True)[0].numpy()
+            row = np.flatnonzero(exported["item_ids"] == item_id(str(photos / "colour.jpg")))[0]
+            np.testing.assert_allclose(exported["keys"][row], want_key, atol=1e-5)
         out = tmp_path / "out"
         assert colorize_main(["--checkpoint", str(run), "--input", str(photos / "colour.jpg"), "--output", str(out),
                               "--memory", server.endpoint, "--memory-name", "few"]) == 0

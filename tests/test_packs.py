@@ -8,6 +8,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -253,3 +254,27 @@ def test_console_script_is_installed(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "pccnet-memory-pack" in res.stdout and "written" in res.stdout
+
+
+def test_memorized_keys_are_formed_like_the_queries(client, ckpts):
+    """With retrieval.flip (the default) a query is the mean of the image's and its mirror's features; an
+    exemplar's key is formed the same way, so a mirrored photo finds its exemplar at similarity 1."""
+    from trainer.images import image_to_sample
+    from trainer.inference import Colorizer
+    from trainer.retrieval import query_features
+
+    col = Colorizer(ckpts[0], connect_memory=False)
+    img = tint_image((200, 80, 40), np.random.default_rng(11))
+    mirror = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    light = torch.stack([image_to_sample(i, col.image_size)["light"] for i in (img, mirror)])
+    keys = {}
+    for flip in (False, True):
+        name = f"flip-{flip}"
+        client.create(capacity=4, key_dim=col.extractor_dim, value_dim=313, memory=name)
+        slots = memorize_images(col.extractor, client, name, [img, mirror], col.image_size, flip=flip)
+        keys[flip] = client.get(slots, memory=name)["keys"]
+        with torch.no_grad():
+            want = query_features(col.extractor, light, flip).numpy()
+        np.testing.assert_allclose(keys[flip], want, atol=1e-5)
+    np.testing.assert_allclose(keys[True][0], keys[True][1], atol=1e-5)  # mirror-invariant
+    assert np.abs(keys[False][0] - keys[False][1]).max() > 1e-3  # the plain key is not

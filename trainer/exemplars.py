@@ -1,7 +1,8 @@
 """Few-shot memories on a live server: write exemplars into a named memory, free slots, list what is written.
 
 A memorized exemplar takes a slot of its own (an `update` with threshold 0 misses for every row): its
-key from the checkpoint's extractor on the gray version, its value the image's 313-bin colour
+key from the checkpoint's extractor on the gray version (flip-averaged like the queries when
+retrieval.flip is on), its value the image's 313-bin colour
 distribution, its item id a digest of its pixels. A freed slot is put back to what retrieval treats as
 unwritten (item id -1, the uniform value) with the largest age, so the next exemplar reuses it first.
 Uses the memory client's API only; no server internals.
@@ -19,6 +20,7 @@ from torch import nn
 
 from pccnet.color import NUM_BINS
 from trainer.images import image_to_sample
+from trainer.retrieval import query_features
 from trainer.shards import item_id
 
 # Age of a freed slot: larger than any age a memory reaches in practice (one per update), so the
@@ -47,17 +49,20 @@ def ensure_memory(client, name: str, key_dim: int, capacity: int) -> dict:
 
 @torch.no_grad()
 def memorize_images(extractor: nn.Module, client, name: str, images: Sequence[Image.Image], image_size: int,
-                    item_ids: Sequence[int] | None = None, device: torch.device | str = "cpu") -> np.ndarray:
+                    item_ids: Sequence[int] | None = None, device: torch.device | str = "cpu",
+                    flip: bool = False) -> np.ndarray:
     """Write RGB images into memory `name` (which must exist), one slot each; returns the slots [n].
 
-    At most the memory's capacity per call (the server's limit for one update).
+    The key is formed as the queries that will read it (trainer.retrieval.query_features): with `flip`
+    (retrieval.flip, the default), the mean of the image's and its mirror image's features. At most the
+    memory's capacity per call (the server's limit for one update).
     """
     if not images:
         return np.zeros(0, np.int64)
     samples = [image_to_sample(img, image_size) for img in images]
     light = torch.stack([s["light"] for s in samples]).to(device)
     feats = torch.stack([s["color_feature"] for s in samples]).numpy()
-    keys = extractor(light).float().cpu().numpy()
+    keys = query_features(extractor, light, flip).float().cpu().numpy()
     ids = np.asarray(item_ids if item_ids is not None else [pixel_item_id(i) for i in images], np.int64)
     # Threshold 0: no KL is below it, so every row is a miss and takes a slot of its own.
     reply = client.update(keys, feats, threshold=0.0, age_noise=0.0, item_ids=ids, memory=name)

@@ -148,7 +148,7 @@ def make_shards(data: FewshotData, fs: FewshotConfig, root: Path) -> dict[str, s
 class Memories:
     """A live memory server (a throwaway one in a temporary folder) holding the scoreboard's memories."""
 
-    def __init__(self, phase1: Path, device: torch.device | str = "cpu") -> None:
+    def __init__(self, phase1: Path, device: torch.device | str = "cpu", flip: bool = False) -> None:
         state = load_for_inference(phase1, map_location="cpu")
         if state["memory"] is None:
             raise ValueError(f"{phase1} holds no memory")
@@ -156,6 +156,7 @@ class Memories:
         self.cfg: TrainConfig = state["config"]
         self.extractor = load_extractor(state, device)
         self.device = device
+        self.flip = flip  # exemplar keys formed as the scoreboard's queries (retrieval.flip)
         self.tmp = tempfile.mkdtemp(prefix="pccnet-fewshot-")
         self.server = start_server(self.tmp, bind="tcp://127.0.0.1:0", durability="none")
         self.endpoint = self.server.endpoint
@@ -189,7 +190,7 @@ class Memories:
         slots = []
         for start in range(0, len(images), 256):  # the server takes at most a memory's capacity per update
             slots.append(memorize_images(self.extractor, self.client, name, images[start:start + 256],
-                                         self.cfg.data.image_size, device=self.device))
+                                         self.cfg.data.image_size, device=self.device, flip=self.flip))
         return np.concatenate(slots)
 
     def build(self, data: FewshotData, images: Path) -> dict[str, dict]:

@@ -38,6 +38,7 @@ from trainer.data import DataError
 from trainer.images import center_crop_resize, image_to_sample, load_rgb, to_rgb
 from trainer.retrieval import (
     RetrievalOptions,
+    query_features,
     retrieve_answers,
     retrieve_color_feature,
     uniform_color_feature,
@@ -347,6 +348,7 @@ def memorize(checkpoint: str | Path, endpoint: str, name: str, paths: list[Path]
     cfg = state["config"]
     dev = pick_device(device)
     extractor = load_extractor(state, dev)
+    flip = RetrievalOptions.of(cfg.retrieval).flip
     size = cfg.data.image_size
     written, failed = [], []
     with MemoryClient(endpoint, memory=name) as client:
@@ -364,8 +366,8 @@ def memorize(checkpoint: str | Path, endpoint: str, name: str, paths: list[Path]
                     failed.append((p, str(e)))
             if not samples:
                 continue
-            with torch.no_grad():
-                keys = extractor(torch.stack([s["light"] for s in samples]).to(dev))
+            with torch.no_grad():  # keys formed as the checkpoint's queries will be (retrieval.flip)
+                keys = query_features(extractor, torch.stack([s["light"] for s in samples]).to(dev), flip)
             reply = client.update(keys.float().cpu().numpy(), torch.stack([s["color_feature"] for s in samples]).numpy(),
                                   threshold=0.0, age_noise=0.0, memory=name,
                                   item_ids=np.asarray([item_id(str(p)) for p in names], dtype=np.int64))
