@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from trainhelpers import write_tiny_shards
 
+from pccnet import metrics
 from trainer.config import load_config
 from trainer.evaluation import (
     SMALL_SET,
@@ -17,6 +18,7 @@ from trainer.evaluation import (
     calibration_report,
     evaluate_retrieval,
     markdown_table,
+    paired_fid_delta,
     retrieval_table,
 )
 from trainer.inference import Colorizer
@@ -48,6 +50,27 @@ def test_the_bootstrap_resamples_image_pairs():
     assert len(same) == 3 and max(abs(f) for f in same) < 1e-6  # pairs stay together: identical sets
     assert bootstrap_fid(feats, feats + 1.0, 4) == bootstrap_fid(feats, feats + 1.0, 4)  # seeded
     assert bootstrap_fid(feats, feats, 0) == []
+
+
+def test_the_paired_fid_delta_uses_the_shared_resamplings():
+    rng = np.random.default_rng(1)
+    reals = rng.standard_normal((40, 8))
+    a_feats = reals + 0.5 * rng.standard_normal((40, 8))
+    b_feats = a_feats + 0.05 * rng.standard_normal((40, 8))  # a row close to a, on the same images
+    a = {"fid": metrics.fid_from_features(a_feats, reals), "fid_bootstrap": bootstrap_fid(a_feats, reals, 20),
+         "image_order": "x"}
+    b = {"fid": metrics.fid_from_features(b_feats, reals), "fid_bootstrap": bootstrap_fid(b_feats, reals, 20),
+         "image_order": "x"}
+    delta, spread = paired_fid_delta(b, a)
+    assert delta == b["fid"] - a["fid"]
+    assert spread == float(np.std(np.subtract(b["fid_bootstrap"], a["fid_bootstrap"])))
+    # Both rows move together with the resampled images, so their difference varies far less than either.
+    assert spread < 0.5 * min(np.std(a["fid_bootstrap"]), np.std(b["fid_bootstrap"]))
+    # Not comparable: other images or order, other resamplings, no resamplings.
+    assert paired_fid_delta(dict(b, image_order="y"), a) is None
+    assert paired_fid_delta(dict(b, fid_bootstrap=b["fid_bootstrap"][:5]), a) is None
+    assert paired_fid_delta(dict(b, fid_bootstrap=[]), a) is None
+    assert paired_fid_delta({k: v for k, v in b.items() if k != "image_order"}, a) is None
 
 
 def test_the_markdown_table_flags_small_sets():

@@ -96,6 +96,13 @@ def test_scoreboard_end_to_end(tmp_path, capsys):
     base_slots = rows[("base", 0)]["retrieval_scores"]["written_slots"]
     assert rows[("base+novel", 2)]["retrieval_scores"]["written_slots"] == base_slots + 4
     assert "novel exemplars alone" in out and (root / "fewshot.md").read_text().count("\n| ") == 8
+    # Every row was resampled on the same images in the same order: each carries a paired FID delta.
+    assert len({r["image_order"] for r in rows.values()}) == 1
+    assert all(len(r["fid_bootstrap"]) == 2 for r in rows.values())
+    md = (root / "fewshot.md").read_text()
+    line = next(x for x in md.splitlines() if x.startswith("| base memory + novel exemplars"))
+    delta = rows[("base+novel", 1)]["fid"] - rows[("base", 0)]["fid"]
+    assert f"| {delta:+.2f} ± " in line
     with Image.open(tmp_path / "fig.png") as fig:  # gray | K=1 | K=2 | truth, 2 test images
         assert fig.width > 4 * 64 and fig.height > 2 * 64
     # Shards: 1 in 4 base images held out for validation; the test split is only novel images.

@@ -31,7 +31,7 @@ from memory_server.launcher import start_server
 from pccnet.color import NUM_BINS, gray_rgb, lab_from_network, lab_to_rgb
 from trainer.checkpoint import load_for_inference, restore_memory
 from trainer.config import FewshotConfig, TrainConfig
-from trainer.evaluation import evaluate_images, evaluate_retrieval
+from trainer.evaluation import evaluate_images, evaluate_retrieval, paired_fid_delta
 from trainer.exemplars import free_slots, memorize_images
 from trainer.images import image_to_sample, load_rgb
 from trainer.inference import Colorizer, load_extractor
@@ -41,6 +41,8 @@ from trainer.shards import write_shards
 log = logging.getLogger(__name__)
 
 TRAINED_ROWS = ("full", "no_memory", "pix2pix")  # launch/results.py rows the scoreboard needs
+# Part of every cached score's stamp: 2 added the per-resampling FIDs the paired spread needs.
+SCORES_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,7 +246,8 @@ def score(root: Path, ckpts: dict[str, Path], phase1: Path, memories: Memories |
 
     for name, what in names.items():
         stamp = {"checkpoint": str(ckpts["full"]), "memory_from": str(phase1), "memory": name, "retrieval": opts,
-                 "data": test, "bootstrap": bootstrap}
+                 "data": test, "bootstrap": bootstrap, "scores": SCORES_VERSION,
+                 "exemplar_keys": "flip" if memories.flip else "plain"}
 
         def run_memory(name=name):
             with Colorizer(ckpts["full"], memory=memories.endpoint, memory_name=name, memory_from=phase1,
@@ -258,7 +261,7 @@ def score(root: Path, ckpts: dict[str, Path], phase1: Path, memories: Memories |
         ckpt = ckpts["full" if row == "oracle" else row] if (row == "oracle" or row in ckpts) else None
         if ckpt is None:
             continue
-        stamp = {"checkpoint": str(ckpt), "data": test, "bootstrap": bootstrap, **extra}
+        stamp = {"checkpoint": str(ckpt), "data": test, "bootstrap": bootstrap, "scores": SCORES_VERSION, **extra}
 
         def run_plain(ckpt=ckpt, extra=extra):
             with Colorizer(ckpt, device=memories.device if memories else None, memory_from=phase1) as col:
@@ -270,22 +273,28 @@ def score(root: Path, ckpts: dict[str, Path], phase1: Path, memories: Memories |
 
 def table(rows: list[dict], title: str) -> str:
     """The scoreboard as Markdown: one line per row, K and the retrieval KL where a memory answers."""
+    base = next((r for r in rows if r["row"] == "base"), None)
     lines = [title, "",
-             "| row | K | FID ↓ (± bootstrap std) | LPIPS ↓ | PSNR ↑ | colourful ↑ | KL(retrieved, own) / random / best "
-             "slot | JS retrieved / random / best |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| row | K | FID ↓ (± bootstrap std) | ΔFID vs base only (± paired std) | LPIPS ↓ | PSNR ↑ | colourful ↑ "
+             "| KL(retrieved, own) / random / best slot | JS retrieved / random / best |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         spread = f" ± {r['fid_bootstrap_std']:.2f}" if r.get("fid_bootstrap_std") is not None else ""
+        paired = paired_fid_delta(r, base) if base is not None and r is not base else None
+        delta = f"{paired[0]:+.2f} ± {paired[1]:.2f}" if paired else ""
         ret = r.get("retrieval_scores")
         kl = (f"{ret['retrieval_kl']:.3f} / {ret['chance_kl']:.3f} / {ret['oracle_kl']:.3f}" if ret else "")
         js = (f"{ret['retrieval_kl_js']:.3f} / {ret['chance_kl_js']:.3f} / {ret['oracle_kl_js']:.3f}" if ret else "")
         k = "" if r["k"] is None else str(r["k"])
-        lines.append(f"| {ROW_LABELS[r['row']]} | {k} | {r['fid']:.2f}{spread} | {r['lpips']:.4f} | "
+        lines.append(f"| {ROW_LABELS[r['row']]} | {k} | {r['fid']:.2f}{spread} | {delta} | {r['lpips']:.4f} | "
                      f"{r['psnr']:.2f} | {r['colorfulness']:.2f} | {kl} | {js} |")
     n = rows[0]["n_images"] if rows else 0
     truth = rows[0].get("colorfulness_real") if rows else None
     lines.append("")
-    lines.append(f"{n} novel-class test images" + (f"; ground-truth colourfulness {truth:.2f}." if truth else "."))
+    lines.append(f"{n} novel-class test images" + (f"; ground-truth colourfulness {truth:.2f}." if truth else ".")
+                 + " ΔFID: the row's FID minus base only's on the same images; its spread is the standard deviation"
+                 " of that difference over the same bootstrap resamplings (paired), so it shows whether the"
+                 " two rows differ beyond the choice of test images.")
     return "\n".join(lines)
 
 
