@@ -16,6 +16,7 @@ from trainer.evaluation import (
     bootstrap_fid,
     calibrate_threshold,
     calibration_report,
+    evaluate_images,
     evaluate_retrieval,
     markdown_table,
     paired_fid_delta,
@@ -41,6 +42,25 @@ def test_retrieval_scores_of_a_checkpoint(shards):
     assert r["acc@0.5"] <= r["acc@1"] <= r["acc@1.5"] and r["extractor"] == "resnet18-scratch"
     table = retrieval_table(r)
     assert "| images | 16 |" in table and f"| written slots | {written} |" in table
+
+
+def test_a_shared_real_feature_cache_changes_no_score(tmp_path):
+    """Scoring rows with one real_cache computes the real images' FID features once and gives the same
+    figures as without it."""
+    from studiohelpers import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "run", image_size=32)
+    pattern = write_tiny_shards(tmp_path / "shards", per_shard=3, size=40)
+    with Colorizer(ckpt, device="cpu", connect_memory=False) as col:
+        plain = evaluate_images(col, pattern, batch_size=5, bootstrap=3, color_feature="own")
+        cache: dict = {}
+        first = evaluate_images(col, pattern, batch_size=5, bootstrap=3, color_feature="own", real_cache=cache)
+        assert len(cache) == 2  # batches of 5 and 1
+        second = evaluate_images(col, pattern, batch_size=5, bootstrap=3, color_feature="own", real_cache=cache)
+        assert len(cache) == 2 and {k[1:] for k in cache} == {(col.image_size, col.background)}
+    for r in (first, second):
+        assert r["fid"] == plain["fid"] and r["fid_bootstrap"] == plain["fid_bootstrap"]
+        assert r["image_order"] == plain["image_order"] and r["lpips"] == plain["lpips"]
 
 
 def test_the_bootstrap_resamples_image_pairs():

@@ -40,16 +40,19 @@ def _eval_data(col: Colorizer, batch_size: int) -> DataConfig:
 
 @torch.no_grad()
 def evaluate_images(col: Colorizer, pattern: str, batch_size: int = 16, baseline: str = "none",
-                    color_feature: str = "memory", bootstrap: int = 100) -> dict:
+                    color_feature: str = "memory", bootstrap: int = 100, real_cache: dict | None = None) -> dict:
     """Scores of a checkpoint's colorizations of every image of `pattern`.
 
     baseline 'gray' scores the ab = 0 output instead; color_feature 'own' conditions G on each image's
-    own colour distribution (a perfect memory). ValueError with fewer than 2 images.
+    own colour distribution (a perfect memory). `real_cache`, a dict shared by calls on the same test
+    images, keeps the real images' FID features (keyed by each batch's item ids and the image
+    preparation), so that scoring several rows computes them once. ValueError with fewer than 2 images.
     """
     preds, reals, psnr, lp, colorful, colorful_real, order = [], [], [], [], [], [], hashlib.sha256()
     for batch in tqdm(make_eval_loader(pattern, _eval_data(col, batch_size), 0, 1), desc="evaluate", unit="batch"):
         light, real_ab = batch["light"].to(col.device), batch["ab"].to(col.device)
-        order.update(batch["item_id"].numpy().astype("<i8").tobytes())
+        ids = batch["item_id"].numpy().astype("<i8").tobytes()
+        order.update(ids)
         if baseline == "gray":
             fake_ab = torch.zeros_like(real_ab)
         else:
@@ -62,7 +65,13 @@ def evaluate_images(col: Colorizer, pattern: str, batch_size: int = 16, baseline
         colorful_real.append(metrics.colorfulness(real))
         # Features, not images, are kept: memory stays flat however large the test set.
         preds.append(metrics.fid_features(pred, device=col.device))
-        reals.append(metrics.fid_features(real, device=col.device))
+        key = (ids, col.image_size, col.background)
+        feats = real_cache.get(key) if real_cache is not None else None
+        if feats is None:
+            feats = metrics.fid_features(real, device=col.device)
+            if real_cache is not None:
+                real_cache[key] = feats
+        reals.append(feats)
     n = sum(p.shape[0] for p in preds)
     if n < 2:
         raise ValueError(f"{pattern} holds {n} image(s); every metric needs at least 2")

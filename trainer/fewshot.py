@@ -232,6 +232,7 @@ def score(root: Path, ckpts: dict[str, Path], phase1: Path, memories: Memories |
           test: str, options: RetrievalOptions, bootstrap: int, batch_size: int = 32) -> list[dict]:
     """Every row of the scoreboard scored on the test shards (cached by what made it); the rows in table order."""
     rows = []
+    reals: dict = {}  # the test images' FID features, computed once for every row
     out = root / "scores"
     out.mkdir(parents=True, exist_ok=True)
     opts = dataclasses.asdict(options)
@@ -252,7 +253,7 @@ def score(root: Path, ckpts: dict[str, Path], phase1: Path, memories: Memories |
         def run_memory(name=name):
             with Colorizer(ckpts["full"], memory=memories.endpoint, memory_name=name, memory_from=phase1,
                            retrieval=options, device=memories.device) as col:
-                result = evaluate_images(col, test, batch_size, bootstrap=bootstrap)
+                result = evaluate_images(col, test, batch_size, bootstrap=bootstrap, real_cache=reals)
                 result["retrieval_scores"] = evaluate_retrieval(col, test, batch_size)
             return result
 
@@ -265,7 +266,7 @@ def score(root: Path, ckpts: dict[str, Path], phase1: Path, memories: Memories |
 
         def run_plain(ckpt=ckpt, extra=extra):
             with Colorizer(ckpt, device=memories.device if memories else None, memory_from=phase1) as col:
-                return evaluate_images(col, test, batch_size, bootstrap=bootstrap, **extra)
+                return evaluate_images(col, test, batch_size, bootstrap=bootstrap, real_cache=reals, **extra)
 
         rows.append(dict(one(row, stamp, run_plain), row=row, k=None, memory=None))
     return rows
