@@ -160,8 +160,8 @@ def score_row(row: str, cfg_path: str, cfg, root: Path, phase1: Path, overrides:
     retrieves = row in RETRIEVING_ROWS
     if eval_json.is_file():
         old = json.loads(eval_json.read_text())
-        # Scored with another memory, or before FID carried its bootstrap spread: score again.
-        if (retrieves and old.get("memory_from") != str(phase1)) or old.get("fid_bootstrap_std") is None:
+        # Scored with another memory, or before FID carried its bootstrap resamplings: score again.
+        if (retrieves and old.get("memory_from") != str(phase1)) or not old.get("fid_bootstrap"):
             eval_json.unlink()
     if not eval_json.is_file():
         source = root / ("full" if row in EVAL_ONLY else row)
@@ -185,11 +185,18 @@ def results_table(cfg_path: str, cfg, root: Path, rows: list[str], overrides: li
     (root / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"\n{Path(cfg_path).stem}: {cfg.data.image_size} px, {cfg.phase2.steps} phase-2 steps of batch "
           f"{cfg.data.batch_size}")
-    print("| method | FID (n) | LPIPS | PSNR | colourfulness |\n| --- | --- | --- | --- | --- |")
-    for r in results.values():
+    print("| method | FID (n) | FID - full's (± paired std) | LPIPS | PSNR | colourfulness |\n"
+          "| --- | --- | --- | --- | --- | --- |")
+    from trainer.evaluation import paired_fid_delta
+
+    full = results.get("full")
+    for row, r in results.items():
         spread = f" ± {r['fid_bootstrap_std']:.1f}" if r.get("fid_bootstrap_std") is not None else ""
-        print(f"| {r['label']} | {r['fid']:.2f}{spread} ({r['n_images']}) | {r['lpips']:.4f} | {r['psnr']:.2f} | "
-              f"{r['colorfulness']:.2f} |")
+        # The same resamplings of the same images for both rows: the spread of the difference itself.
+        paired = paired_fid_delta(r, full) if full is not None and row != "full" else None
+        delta = f"{paired[0]:+.2f} ± {paired[1]:.2f}" if paired else ""
+        print(f"| {r['label']} | {r['fid']:.2f}{spread} ({r['n_images']}) | {delta} | {r['lpips']:.4f} | "
+              f"{r['psnr']:.2f} | {r['colorfulness']:.2f} |")
     return 0
 
 

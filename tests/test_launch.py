@@ -119,11 +119,16 @@ def test_results_tables_from_finished_rows(tmp_path, capsys):
         if results.ROWS[row][1] is not None:
             _done_checkpoint(root / row, cfg.phase1.steps + cfg.phase2.steps)
         score = {"fid": 50.0 + i, "fid_bootstrap_std": 1.0, "n_images": 81, "lpips": 0.25, "psnr": 22.0,
-                 "colorfulness": 30.0, "memory_from": str(phase1)}
+                 "colorfulness": 30.0, "memory_from": str(phase1), "image_order": "same",
+                 "fid_bootstrap": [50.0 + i, 51.0 + 2 * i, 49.0 + i]}
         (root / f"eval-{row}.json").write_text(json.dumps(score))
     assert results.results_table(str(config), cfg, root, ["full", "gray"], [], root / "commands.txt") == 0
     table = capsys.readouterr().out
-    assert "| PCCNet (full) | 50.00 ± 1.0 (81) | 0.2500 | 22.00 | 30.00 |" in table
+    assert "| PCCNet (full) | 50.00 ± 1.0 (81) |  | 0.2500 | 22.00 | 30.00 |" in table
+    # Each other row's FID difference to full's, with the spread of the per-resampling differences.
+    gray = list(results.ROWS).index("gray")
+    want = f"| {gray:+.2f} ± {float(np.std([0.0, float(gray), 0.0])):.2f} |"
+    assert want in next(line for line in table.splitlines() if line.startswith(f"| {results.ROWS['gray'][0]} |"))
     gathered = json.loads((root / "results.json").read_text())
     assert list(gathered) == list(results.ROWS) and not (root / "commands.txt").exists()
     for backbone in results.BACKBONES:
