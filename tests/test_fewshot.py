@@ -4,6 +4,7 @@ tiny synthetic labelled images (real shards, real training subprocesses, a real 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -109,9 +110,19 @@ def test_scoreboard_end_to_end(tmp_path, capsys):
     assert len((root / "shards" / "val-list.txt").read_text().splitlines()) == 6
     assert all("nov" in line for line in (root / "shards" / "test-list.txt").read_text().splitlines())
     # A second call re-uses every finished step and score.
-    stamp = (root / "fewshot" / "scores" / "base.json").stat().st_mtime_ns
+    scores = root / "fewshot" / "scores"
+
+    def files(row: str) -> list[Path]:  # <row>-<10 hex digits of what made it>.json
+        return [p for p in scores.iterdir() if re.fullmatch(rf"{row}-[0-9a-f]{{10}}\.json", p.name)]
+
+    (base_file,) = files("base")
+    stamp = base_file.stat().st_mtime_ns
     assert fewshot_main(argv) == 0
-    assert (root / "fewshot" / "scores" / "base.json").stat().st_mtime_ns == stamp
+    assert base_file.stat().st_mtime_ns == stamp
+    # Other retrieval options score the memory rows again, into files of their own: both are kept.
+    assert fewshot_main([*argv, "retrieval.k=1"]) == 0
+    assert len(files("base")) == 2 and base_file.stat().st_mtime_ns == stamp
+    assert len(files("oracle")) == 1  # no retrieval: the same score serves both
 
 
 def test_scoreboard_errors_are_clear(tmp_path, capsys):

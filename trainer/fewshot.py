@@ -17,6 +17,7 @@ skipped, so a second call only re-prints the table.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import shutil
@@ -238,7 +239,9 @@ def score(root: Path, ckpts: dict[str, Path], phase1: Path, memories: Memories |
     opts = dataclasses.asdict(options)
 
     def one(key: str, stamp: dict, make) -> dict:
-        path = out / f"{key}.json"
+        # One file per row and what made it: scoring with other retrieval options keeps both.
+        digest = hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:10]
+        path = out / f"{key}-{digest}.json"
         found = _cached(path, stamp)
         if found is None:
             found = dict(make(), stamp=stamp)
