@@ -195,7 +195,9 @@ def test_evaluate_retrieval_scores_the_memory(trained, tmp_path):
     mixed = tmp_path / "mixed.json"
     assert evaluate_main(["--checkpoint", str(run), "--data", shards, "--output", str(mixed), "--retrieval"]) == 0
     js = json.loads(mixed.read_text())["retrieval_kl_js"]
-    assert [row["val/retrieval_js"] for row in rows if "val/retrieval_js" in row] == [pytest.approx(js, rel=1e-9)]
+    # Float32 features: the trainer and evaluate batch the images differently, and the CPU kernels' last bits
+    # depend on the batch and the thread count (a 1e-9 tolerance failed once in CI at 8.6e-9).
+    assert [row["val/retrieval_js"] for row in rows if "val/retrieval_js" in row] == [pytest.approx(js, rel=1e-5)]
 
 
 @pytest.mark.slow
