@@ -185,10 +185,10 @@ def results_table(cfg_path: str, cfg, root: Path, rows: list[str], overrides: li
     (root / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"\n{Path(cfg_path).stem}: {cfg.data.image_size} px, {cfg.phase2.steps} phase-2 steps of batch "
           f"{cfg.data.batch_size}")
-    print("| method | FID (n) | FID - full's (± paired std) | LPIPS | PSNR | colourfulness |\n"
-          "| --- | --- | --- | --- | --- | --- |")
     from trainer.evaluation import paired_fid_delta
 
+    print("| method | FID (n) | FID - full's (± paired std) | LPIPS | PSNR | colourfulness |\n"
+          "| --- | --- | --- | --- | --- | --- |")
     full = results.get("full")
     for row, r in results.items():
         spread = f" ± {r['fid_bootstrap_std']:.1f}" if r.get("fid_bootstrap_std") is not None else ""

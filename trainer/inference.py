@@ -35,10 +35,10 @@ from trainer.checkpoint import (
 )
 from trainer.config import ConfigError, retrieval_with
 from trainer.data import DataError
-from trainer.images import center_crop_resize, image_to_sample, load_rgb, to_rgb
+from trainer.exemplars import memorize_images
+from trainer.images import center_crop_resize, load_rgb, to_rgb
 from trainer.retrieval import (
     RetrievalOptions,
-    query_features,
     retrieve_answers,
     retrieve_color_feature,
     uniform_color_feature,
@@ -339,8 +339,8 @@ def memorize(checkpoint: str | Path, endpoint: str, name: str, paths: list[Path]
              batch_size: int = 16, device: str | None = None, progress: bool = True) -> dict:
     """Write each colour image into memory `name` on a running server, a slot of its own.
 
-    Its key is the checkpoint extractor's query of its gray version, its value its 313-bin colour
-    distribution; an update with threshold 0 is a miss for every row. The memory is created (with
+    Written by trainer.exemplars.memorize_images: its key the checkpoint extractor's query of its gray
+    version, its value its 313-bin colour distribution; an update with threshold 0 is a miss for every row. The memory is created (with
     `capacity` slots) if absent. Returns {'written': [(path, slot)], 'failed': [(path, reason)], 'capacity',
     'created'}.
     """
@@ -357,21 +357,18 @@ def memorize(checkpoint: str | Path, endpoint: str, name: str, paths: list[Path]
             log.warning("%d images into %d slots: the oldest writes are replaced", len(paths), capacity)
         step = min(batch_size, capacity)
         for start in tqdm(range(0, len(paths), step), desc="memorize", unit="batch", disable=not progress):
-            samples, names = [], []
+            images, names = [], []
             for p in paths[start:start + step]:
                 try:
-                    samples.append(image_to_sample(center_crop_resize(load_rgb(p, cfg.data.background), size), size))
+                    images.append(center_crop_resize(load_rgb(p, cfg.data.background), size))
                     names.append(p)
                 except Exception as e:  # report unreadable files by name, keep going
                     failed.append((p, str(e)))
-            if not samples:
+            if not images:
                 continue
-            with torch.no_grad():  # keys formed as the checkpoint's queries will be (retrieval.flip)
-                keys = query_features(extractor, torch.stack([s["light"] for s in samples]).to(dev), flip)
-            reply = client.update(keys.float().cpu().numpy(), torch.stack([s["color_feature"] for s in samples]).numpy(),
-                                  threshold=0.0, age_noise=0.0, memory=name,
-                                  item_ids=np.asarray([item_id(str(p)) for p in names], dtype=np.int64))
-            written.extend(zip(names, reply["slots"].tolist()))
+            # The studio's and the scoreboard's writer too: keys formed as the checkpoint's queries (retrieval.flip).
+            slots = memorize_images(extractor, client, name, images, size, [item_id(str(p)) for p in names], dev, flip)
+            written.extend(zip(names, slots.tolist()))
     return {"written": written, "failed": failed, "capacity": capacity, "created": created}
 
 
