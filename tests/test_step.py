@@ -18,7 +18,7 @@ from pccnet.extractor import MemoryExtractor
 from trainer.config import LossConfig, MemoryConfig, Phase1Config
 from trainer.memory import TrainerMemory
 from trainer.models import build_generator
-from trainer.step import StepContext, gan_step, memory_step
+from trainer.step import StepContext, blend_features, gan_step, memory_step
 
 SIZE, B, DIM = 16, 4, 8
 
@@ -110,6 +110,28 @@ def test_gan_step_has_no_hidden_state(acc):
     (s1, g1, d1), (s2, g2, d2) = results
     assert s1 == s2
     assert all(torch.equal(g1[k], g2[k]) for k in g1) and all(torch.equal(d1[k], d2[k]) for k in d1)
+
+
+def test_blend_features_mixes_towards_the_batch_mean():
+    c = batch()["color_feature"]
+    assert torch.equal(blend_features(c, 0.0, torch.Generator().manual_seed(0)), c)
+    out = blend_features(c, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(out, blend_features(c, 1.0, torch.Generator().manual_seed(0)))  # the seed decides
+    assert torch.allclose(out.sum(1), torch.ones(B)) and (out >= 0).all()  # still distributions
+    # Each row moved along the segment from its own feature to the mean: out - c = a (mean - c), 0 < a < 1.
+    toward = c.mean(0, keepdim=True) - c
+    a = ((out - c) * toward).sum(1) / (toward * toward).sum(1)
+    assert torch.allclose(out - c, a[:, None] * toward, atol=1e-6) and ((a > 0) & (a < 1)).all()
+    assert len(set(a.tolist())) == B  # a different amount for each image
+
+
+def test_feature_blend_changes_what_the_step_learns(acc):
+    outcomes = []
+    for share in (0.0, 1.0):
+        gen, disc, opt_g, opt_d = networks()
+        ctx = dataclasses.replace(context(acc), feature_blend=share)
+        outcomes.append(gan_step(ctx, gen, disc, opt_g, opt_d, batch(), torch.Generator().manual_seed(1))[0])
+    assert outcomes[0]["d/real"] != outcomes[1]["d/real"]  # D saw the real images with other features
 
 
 def test_without_patch_losses_or_memory(acc):

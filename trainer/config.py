@@ -221,10 +221,16 @@ class Phase2Config(_Section):
     lr: float = 5e-4  # start of the exponential decay (METHOD.md 4: 1e-3 -> 1e-6 in the paper)
     lr_final: float = 5e-6
     betas: tuple[float, ...] = (0.5, 0.999)
+    # Not in the paper: the share of training images whose colour feature is blended towards the batch's
+    # mean, (1 - a) c + a mean(c) with a ~ U(0, 1), so that G learns to read the vaguer features retrieval
+    # gives at test time (trainer.step.blend_features). 0: always the image's own feature (the paper).
+    feature_blend: float = 0.0
 
     def validate(self, path: str) -> None:
         if self.steps < 0:
             raise ConfigError(f"{path}.steps must be >= 0, got {self.steps}")
+        if not 0 <= self.feature_blend <= 1:
+            raise ConfigError(f"{path}.feature_blend must be in [0, 1], got {self.feature_blend}")
         _positive(self, path, "lr", "lr_final")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"{path}.betas must be two numbers in [0, 1), got {list(self.betas)}")

@@ -122,7 +122,8 @@ class Runner:
         if self.main:
             self.jsonl = JsonlWriter(self.out_dir / "stats.jsonl")
         self.ctx = StepContext(accelerator=acc, loss=cfg.loss, phase1=cfg.phase1, use_memory=cfg.model.use_memory,
-                               world_size=self.world, seed=cfg.run.seed, channels_last=cfg.train.channels_last)
+                               world_size=self.world, seed=cfg.run.seed, channels_last=cfg.train.channels_last,
+                               feature_blend=cfg.phase2.feature_blend)
         self.patch_rng = torch.Generator().manual_seed(cfg.run.seed * 31 + self.rank)
         self.threads = {2: torch.get_num_threads()}
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))

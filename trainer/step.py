@@ -31,6 +31,7 @@ class StepContext:
     world_size: int
     seed: int
     channels_last: bool = False  # train.channels_last: phase-2 images go in as NHWC
+    feature_blend: float = 0.0  # phase2.feature_blend
 
 
 def _sync_time(device: torch.device) -> float:
@@ -105,6 +106,15 @@ def memory_step(ctx: StepContext, extractor: nn.Module, opt: torch.optim.Optimiz
     return scalars, timings
 
 
+def blend_features(c: torch.Tensor, share: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each row of c, with probability `share`, moved to (1 - a) c + a mean(c) with a ~ U(0, 1): a convex
+    mix of histograms, so still a distribution. The draws come from the CPU generator (the patch sampler's
+    in a run), so a seed gives the same blends on every device."""
+    draws = torch.rand(c.shape[0], 2, generator=generator)
+    a = torch.where(draws[:, 0] < share, draws[:, 1], torch.zeros(())).to(c)
+    return c + a[:, None] * (c.mean(0, keepdim=True) - c)
+
+
 def set_requires_grad(module: nn.Module, flag: bool) -> None:
     for p in module.parameters():
         p.requires_grad_(flag)
@@ -119,6 +129,8 @@ def gan_step(ctx: StepContext, gen: nn.Module, disc: nn.Module, opt_g: torch.opt
     device = acc.device
     light, real_ab = as_step_input(batch["light"], ctx.channels_last), as_step_input(batch["ab"], ctx.channels_last)
     c = batch["color_feature"] if ctx.use_memory else uniform_color_feature(light.shape[0], device)
+    if ctx.use_memory and ctx.feature_blend > 0:
+        c = blend_features(c, ctx.feature_blend, patch_generator)
     def autocast():  # a fresh context per use: accelerate's is a one-shot generator context manager
         return acc.autocast() if acc.mixed_precision != "no" else nullcontext()
     need_patches = cfg.needs_patches
