@@ -213,3 +213,15 @@ def test_saved_configs_without_retrieval_keep_the_papers_top1(tmp_path):
     assert (old.k, old.flip) == (1, False)
     path.write_text(yaml.safe_dump({"retrieval": {"k": 4}}))
     assert load_saved_config(path).retrieval.k == 4 and load_saved_config(path).retrieval.flip is True
+
+
+def test_saved_configs_without_feature_blend_keep_the_own_feature(tmp_path):
+    """phase2.feature_blend defaults to 0.5 for new runs; a run saved before the key existed was trained
+    on each image's own feature, and resuming or describing it must say so."""
+    from trainer.config import load_saved_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"phase2": {"steps": 10}}))
+    assert load_config(path).phase2.feature_blend == 0.5 and load_saved_config(path).phase2.feature_blend == 0.0
+    path.write_text(yaml.safe_dump({"phase2": {"feature_blend": 0.25}}))
+    assert load_saved_config(path).phase2.feature_blend == 0.25

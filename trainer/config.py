@@ -222,9 +222,10 @@ class Phase2Config(_Section):
     lr_final: float = 5e-6
     betas: tuple[float, ...] = (0.5, 0.999)
     # Not in the paper: the share of training images whose colour feature is blended towards the batch's
-    # mean, (1 - a) c + a mean(c) with a ~ U(0, 1), so that G learns to read the vaguer features retrieval
-    # gives at test time (trainer.step.blend_features). 0: always the image's own feature (the paper).
-    feature_blend: float = 0.0
+    # mean, (1 - a) c + a mean(c) with a ~ U(0, 1), so that G learns to colour vividly from the vaguer
+    # features retrieval gives at test time (trainer.step.blend_features; docs/RESULTS.md "Phase 2 on
+    # blended colour features"). 0: always the image's own feature (the paper).
+    feature_blend: float = 0.5
 
     def validate(self, path: str) -> None:
         if self.steps < 0:
@@ -554,12 +555,15 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 
 def load_saved_config(path: str | Path) -> TrainConfig:
-    """The config of a checkpoint, run or bundle. One saved before the `retrieval` section existed was
-    evaluated with the paper's top-1, so it keeps it (a saved config holds every section of its day)."""
+    """The config of a checkpoint, run or bundle. One saved before a key existed keeps what it was made
+    with (a saved config holds every key of its day): the paper's top-1 retrieval without a `retrieval`
+    section, the image's own colour feature in phase 2 without `phase2.feature_blend`."""
     cfg = load_config(path)
     raw = yaml.safe_load(Path(path).read_text()) or {}
     if "retrieval" not in raw:
         cfg = dataclasses.replace(cfg, retrieval=RetrievalConfig(k=1, flip=False))
+    if "feature_blend" not in (raw.get("phase2") or {}):
+        cfg = dataclasses.replace(cfg, phase2=dataclasses.replace(cfg.phase2, feature_blend=0.0))
     return cfg
 
 
