@@ -341,8 +341,8 @@ def memorize(checkpoint: str | Path, endpoint: str, name: str, paths: list[Path]
 
     Written by trainer.exemplars.memorize_images: its key the checkpoint extractor's query of its gray
     version, its value its 313-bin colour distribution; an update with threshold 0 is a miss for every
-    row. The memory is created (with `capacity` slots) if absent. Returns {'written': [(path, slot)], 'failed': [(path, reason)], 'capacity',
-    'created'}.
+    row. The memory is created (with `capacity` slots) if absent. Returns {'written': [(path, slot)],
+    'failed': [(path, reason)], 'capacity', 'created'}.
     """
     state = load_for_inference(checkpoint)
     cfg = state["config"]
