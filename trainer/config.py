@@ -4,30 +4,28 @@
 checked in one place. An unknown key or a value of the wrong type is a ConfigError naming its dotted
 path. Each component receives only its own slice; tools derive changed configs with
 `dataclasses.replace`. Configs of the flat `model:` schema (before issue 11) load through `upgrade_legacy`.
-Imports only pccnet, never the rest of the app.
+Imports only pccnet and its own typed-YAML helper (trainer.typed_config), never the rest of the app.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
 from pccnet.color import NUM_BINS
 from pccnet.config import DiscriminatorConfig, ExtractorConfig, GeneratorConfig, SamplerConfig
+from trainer.typed_config import ConfigError, choice, flatten, from_dict, positive
+from trainer.typed_config import to_dict as config_to_dict
+
+__all__ = ["ConfigError", "TrainConfig", "apply_override", "config_from_dict", "config_to_dict", "flatten",
+           "load_config", "load_saved_config", "resume_differences", "retrieval_with", "save_config"]
 
 log = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """A configuration value or key is invalid; the message names its dotted path."""
 
 
 class _Section:
@@ -57,10 +55,10 @@ class RunConfig(_Section):
     check_ddp_every_log: bool = False
 
     def validate(self, path: str) -> None:
-        _positive(self, path, "log_every", "checkpoint_every", "sample_every", "collective_timeout_s")
+        positive(self, path, "log_every", "checkpoint_every", "sample_every", "collective_timeout_s")
         if self.keep_checkpoints < 0:
             raise ConfigError(f"{path}.keep_checkpoints must be >= 0, got {self.keep_checkpoints}")
-        _choice(self, path, "mixed_precision", ("no", "bf16"))
+        choice(self, path, "mixed_precision", ("no", "bf16"))
 
 
 @dataclass(frozen=True)
@@ -77,7 +75,7 @@ class DataConfig(_Section):
     cache_mb: int = 256  # per training worker: decoded pixels + colour features kept for later epochs
 
     def validate(self, path: str) -> None:
-        _positive(self, path, "image_size", "batch_size", "shuffle_buffer")
+        positive(self, path, "image_size", "batch_size", "shuffle_buffer")
         if self.workers < 0:
             raise ConfigError(f"{path}.workers must be >= 0, got {self.workers}")
         if self.cache_mb < 0:
@@ -124,7 +122,7 @@ class LossConfig(_Section):
         for name in ("pc", "ic", "smooth", "adv", "beta"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{path}.{name} must be >= 0, got {getattr(self, name)}")
-        _positive(self, path, "tau", "delta", "circle_gamma")
+        positive(self, path, "tau", "delta", "circle_gamma")
 
     @property
     def needs_patches(self) -> bool:
@@ -166,8 +164,8 @@ class Phase1Config(_Section):
     def validate(self, path: str) -> None:
         if self.steps < 0:
             raise ConfigError(f"{path}.steps must be >= 0, got {self.steps}")
-        _positive(self, path, "lr", "k")
-        _choice(self, path, "update_query", ("post_step", "pre_step"))
+        positive(self, path, "lr", "k")
+        choice(self, path, "update_query", ("post_step", "pre_step"))
         if self.mix_weight < 0 or self.mix_temperature <= 0:
             raise ConfigError(f"{path}: mix_weight must be >= 0 and mix_temperature > 0, got {self.mix_weight} "
                               f"and {self.mix_temperature}")
@@ -208,10 +206,10 @@ class RetrievalConfig(_Section):
     anneal: float = 1.0  # in (0, 1]: sharpen the mix to p ** (1 / anneal) (1: as mixed; Zhang et al. use 0.38)
 
     def validate(self, path: str) -> None:
-        _positive(self, path, "k", "temperature", "anneal")
+        positive(self, path, "k", "temperature", "anneal")
         if self.anneal > 1:
             raise ConfigError(f"{path}.anneal must be in (0, 1] (1 keeps the mix as it is), got {self.anneal}")
-        _choice(self, path, "mix", ("mean", "geometric", "medoid"))
+        choice(self, path, "mix", ("mean", "geometric", "medoid"))
 
 
 @dataclass(frozen=True)
@@ -232,7 +230,7 @@ class Phase2Config(_Section):
             raise ConfigError(f"{path}.steps must be >= 0, got {self.steps}")
         if not 0 <= self.feature_blend <= 1:
             raise ConfigError(f"{path}.feature_blend must be in [0, 1], got {self.feature_blend}")
-        _positive(self, path, "lr", "lr_final")
+        positive(self, path, "lr", "lr_final")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"{path}.betas must be two numbers in [0, 1), got {list(self.betas)}")
 
@@ -256,12 +254,12 @@ class MemoryConfig(_Section):
     key_cache_mb: int = 512
 
     def validate(self, path: str) -> None:
-        _positive(self, path, "capacity", "timeout_ms", "key_cache_mb")
+        positive(self, path, "capacity", "timeout_ms", "key_cache_mb")
         if isinstance(self.key_cache, str) and self.key_cache != "auto":
             raise ConfigError(f"{path}.key_cache must be true, false or 'auto', got {self.key_cache!r}")
         if self.retries < 0:
             raise ConfigError(f"{path}.retries must be >= 0, got {self.retries}")
-        _choice(self, path, "durability", ("always", "batch", "none"))
+        choice(self, path, "durability", ("always", "batch", "none"))
 
 
 @dataclass(frozen=True)
@@ -282,7 +280,7 @@ class SpeedConfig(_Section):
     phase1_cpu_threads: int | str = "auto"
 
     def validate(self, path: str) -> None:
-        _choice(self, path, "optimizer", ("default", "foreach", "fused", "for_loop"))
+        choice(self, path, "optimizer", ("default", "foreach", "fused", "for_loop"))
         t = self.phase1_cpu_threads
         if (isinstance(t, str) and t != "auto") or (not isinstance(t, str) and (isinstance(t, bool) or t < 1)):
             raise ConfigError(f"{path}.phase1_cpu_threads must be 'auto' or an integer >= 1, got {t!r}")
@@ -364,105 +362,9 @@ LEGACY_MODEL_KEYS = {
 LEGACY_DROPPED = {"data": ("epoch_batches",)}
 
 
-def _positive(obj: Any, path: str, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if value <= 0:
-            raise ConfigError(f"{path}.{name} must be > 0, got {value!r}")
-
-
-def _choice(obj: Any, path: str, name: str, allowed: tuple[str, ...]) -> None:
-    value = getattr(obj, name)
-    if value not in allowed:
-        raise ConfigError(f"{path}.{name} must be one of {list(allowed)}, got {value!r}")
-
-
-# --- strict conversion -----------------------------------------------------------------------------
-_FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _convert(value: Any, tp: Any, path: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, path)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
-    if origin is tuple:
-        item = typing.get_args(tp)[0]  # tuple[X, ...]: the length is the section's to check
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
-        return tuple(_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value))
-    if dataclasses.is_dataclass(tp):
-        return _from_dict(tp, value, path)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{path}: expected a bool, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{path}: expected an int, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        # PyYAML (YAML 1.1) reads 1e-3 as a string; a number written that way is still a number.
-        if isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
-            return float(value)
-        raise ConfigError(f"{path}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{path}: expected a string, got {value!r}")
-    raise ConfigError(f"{path}: unsupported type {_type_name(tp)}")
-
-
-def _from_dict(cls: type, data: Any, path: str) -> Any:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in names:
-            where = f"{path}.{key}" if path else str(key)
-            raise ConfigError(f"unknown key {where} (known: {', '.join(sorted(names))})")
-    kwargs = {k: _convert(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except ValueError as e:  # pccnet's own checks name "Class.field"; say where it sits in the tree
-        message = str(e)
-        if message.startswith(f"{cls.__name__}."):
-            raise ConfigError(f"{path}.{message[len(cls.__name__) + 1:]}") from e
-        raise ConfigError(f"{path}: {message}") from e
-
-
 def config_from_dict(data: dict) -> TrainConfig:
     """A validated TrainConfig from a plain nested dict (of the current schema)."""
-    return _from_dict(TrainConfig, data, "")
-
-
-def config_to_dict(cfg: Any) -> dict:
-    """Plain nested dict (YAML-safe: tuples become lists) of a config dataclass."""
-    def plain(v: Any) -> Any:
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
-
-    return plain(dataclasses.asdict(cfg))
+    return from_dict(TrainConfig, data, "")
 
 
 # --- the flat schema of old configs and checkpoints -------------------------------------------------
@@ -570,18 +472,6 @@ def load_saved_config(path: str | Path) -> TrainConfig:
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
     """Write the resolved config as YAML."""
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-
-
-def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}."""
-    out: dict[str, Any] = {}
-    for k, v in data.items():
-        key = f"{prefix}.{k}" if prefix else k
-        if isinstance(v, dict):
-            out.update(flatten(v, key))
-        else:
-            out[key] = v
-    return out
 
 
 def resume_differences(saved: TrainConfig, current: TrainConfig) -> dict[str, list[str]]:
