@@ -1,8 +1,10 @@
-"""`phase1.threshold: auto` (the default) and the start-up data checks, on real tiny shards in this process.
+"""`phase1.threshold: auto` (the default), `memory.capacity: auto` and the start-up data checks, on real
+tiny shards in this process.
 
-The auto threshold must be the calibration's 15 % value, logged, written as a number into the run's
-config and every checkpoint, and kept on resume even when the training data changed; a data pattern
-that matches nothing must stop the run before any step, naming the key and the pattern.
+The auto threshold must be the calibration's 15 % value, and the auto capacity 1.2 x the training images,
+each logged, written as a number into the run's config and every checkpoint, and kept on resume even
+when the training data changed; a data pattern that matches nothing must stop the run before any step,
+naming the key and the pattern.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import yaml
 from trainhelpers import write_config, write_tiny_shards
 
 from launch.train import main as train_main
-from trainer.calibrate import AUTO_IMAGES, MAX_SHARDS, POSITIVE_RATE, calibrate_threshold
+from trainer.calibrate import AUTO_IMAGES, MAX_SHARDS, POSITIVE_RATE, calibrate_threshold, resolve_capacity
 from trainer.config import ConfigError, load_config
 
 
@@ -58,6 +60,35 @@ def test_auto_threshold_is_calibrated_logged_saved_and_kept_on_resume(tmp_path, 
               if (m := re.search(r"memory 'default' at \S+: capacity \d+, filled (\d+)", r.getMessage()))]
     assert len(filled) == 1 and filled[0] > 0
     assert _saved_threshold(tmp_path / "run2" / "checkpoints" / "step-0000003") == expected
+
+
+def test_auto_capacity_is_one_point_two_slots_per_training_image_and_kept_on_resume(tmp_path, caplog):
+    assert load_config(None, ["memory.capacity=auto"]).memory.capacity == "auto"
+    for bad in ("big", 0):
+        with pytest.raises(ConfigError, match=r"memory\.capacity"):
+            load_config(None, [f"memory.capacity={bad}"])
+    shards = write_tiny_shards(tmp_path / "shards", n_shards=2, per_shard=7)  # 14 images: ceil(16.8) = 17 slots
+    out = tmp_path / "run"
+    cfg_path = write_config(tmp_path / "c.yaml", shards, out, phase1__steps=2, memory__capacity="auto",
+                            phase2__steps=0, run__checkpoint_every=2, data__workers=0)
+    assert resolve_capacity(load_config(cfg_path)).memory.capacity == 17
+    with caplog.at_level(logging.INFO):
+        assert train_main(["--config", str(cfg_path)]) == 0
+    assert any("memory.capacity auto: 17 slots (1.2 x 14 training images)" in r.getMessage() for r in caplog.records)
+    assert any(re.search(r"memory 'default' at \S+: capacity 17,", r.getMessage()) for r in caplog.records)
+    ckpt = out / "checkpoints" / "step-0000002"
+    for folder in (out, ckpt):
+        assert yaml.safe_load((folder / "config.yaml").read_text())["memory"]["capacity"] == 17
+
+    # More training data on resume would size the memory otherwise: the resumed run keeps its 17 slots.
+    more = write_tiny_shards(tmp_path / "more", n_shards=3, per_shard=8, seed=3)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert train_main(["--config", str(cfg_path), "--resume", str(ckpt), f"run.out_dir={tmp_path / 'run2'}",
+                           f"data.train={more}", "phase1.steps=3"]) == 0
+    assert any("memory.capacity auto: 17 slots, as in" in r.getMessage() for r in caplog.records)
+    saved = yaml.safe_load((tmp_path / "run2" / "checkpoints" / "step-0000003" / "config.yaml").read_text())
+    assert saved["memory"]["capacity"] == 17
 
 
 def test_calibration_reads_at_most_max_shards_spread_over_the_list(tmp_path):

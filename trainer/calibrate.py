@@ -1,14 +1,17 @@
-"""delta_1 from the data: the KL quantiles of pairs of training images (METHOD.md 3.2), `phase1.threshold: auto`.
+"""Config values taken from the training data: `phase1.threshold: auto` and `memory.capacity: auto`.
 
-Shared by launch/calibrate_threshold.py (prints the quantiles) and the trainer, which resolves "auto"
-before any step: the threshold that makes POSITIVE_RATE of random pairs positive, logged and stored in
-the run's config (so every checkpoint carries the number it trained with). Imports no model code.
+delta_1 from the KL quantiles of pairs of training images (METHOD.md 3.2), shared by
+launch/calibrate_threshold.py (prints the quantiles) and the trainer, which resolves "auto" before any
+step: the threshold that makes POSITIVE_RATE of random pairs positive. The capacity is CAPACITY_PER_IMAGE
+slots per training image (the paper's 1.2). Both are logged and stored in the run's config as numbers
+(so every checkpoint carries what it trained with). Imports no model code.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -17,13 +20,14 @@ from tqdm import tqdm
 from pccnet.color import NUM_BINS
 from pccnet.losses import kl_divergence
 from trainer.config import TrainConfig, load_config
-from trainer.data import expand_pattern, make_eval_loader
+from trainer.data import count_samples, expand_pattern, make_eval_loader
 
 log = logging.getLogger(__name__)
 
 QUANTILES = (0.05, 0.1, 0.15, 0.2, 0.5)
 POSITIVE_RATE = 0.15  # METHOD.md 3.2 asks for 10-20 % positive pairs
 AUTO_IMAGES = 512
+CAPACITY_PER_IMAGE = 1.2  # the paper: a memory of 1.2 x the training set
 MAX_SHARDS = 16
 
 
@@ -89,3 +93,21 @@ def resolve_threshold(cfg: TrainConfig, resume_from: str | Path | None = None) -
         raise ValueError(f"phase1.threshold auto: the {POSITIVE_RATE:.0%} quantile of the pair KL of "
                          f"{cfg.data.train} is {value}; the training images have (nearly) identical colours")
     return dataclasses.replace(cfg, phase1=dataclasses.replace(cfg.phase1, threshold=value))
+
+
+def resolve_capacity(cfg: TrainConfig, resume_from: str | Path | None = None) -> TrainConfig:
+    """cfg with a numeric memory.capacity: unchanged when it is a number; when 'auto', the checkpoint's
+    (a resumed run keeps its memory's shape), else ceil(CAPACITY_PER_IMAGE x the images of data.train)."""
+    if not isinstance(cfg.memory.capacity, str):
+        return cfg
+    if resume_from is not None:
+        saved = load_config(Path(resume_from) / "config.yaml").memory.capacity
+        if not isinstance(saved, str):
+            log.info("memory.capacity auto: %d slots, as in %s", saved, resume_from)
+            return dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, capacity=saved))
+    images = count_samples(cfg.data.train)
+    if images < 1:
+        raise ValueError(f"memory.capacity auto: data.train {cfg.data.train!r} holds no images to size the memory by")
+    capacity = math.ceil(CAPACITY_PER_IMAGE * images - 1e-9)
+    log.info("memory.capacity auto: %d slots (%g x %d training images)", capacity, CAPACITY_PER_IMAGE, images)
+    return dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, capacity=capacity))

@@ -240,7 +240,9 @@ class MemoryConfig(_Section):
     SECTION = "memory"
     address: str | None = None  # null: rank 0 starts an embedded server in out_dir; "inproc": no server (1 process)
     name: str = "default"
-    capacity: int = 1024  # slots; the paper uses 1.2 x the number of training images
+    # Slots, or "auto": 1.2 x the images of data.train (the paper's rule), counted when the run starts
+    # (trainer.calibrate.resolve_capacity) and saved as the number.
+    capacity: int | str = 1024
     timeout_ms: int = 30000
     retries: int = 3
     durability: str = "always"  # embedded server only
@@ -254,7 +256,12 @@ class MemoryConfig(_Section):
     key_cache_mb: int = 512
 
     def validate(self, path: str) -> None:
-        positive(self, path, "capacity", "timeout_ms", "key_cache_mb")
+        positive(self, path, "timeout_ms", "key_cache_mb")
+        if isinstance(self.capacity, str):
+            if self.capacity != "auto":
+                raise ConfigError(f"{path}.capacity must be a number of slots or 'auto', got {self.capacity!r}")
+        else:
+            positive(self, path, "capacity")
         if isinstance(self.key_cache, str) and self.key_cache != "auto":
             raise ConfigError(f"{path}.key_cache must be true, false or 'auto', got {self.key_cache!r}")
         if self.retries < 0:

@@ -29,7 +29,7 @@ from pccnet.discriminator import PatchDiscriminator
 from pccnet.extractor import MemoryExtractor
 from trainer import checkpoint as ckpt_io
 from trainer import speed
-from trainer.calibrate import resolve_threshold
+from trainer.calibrate import resolve_capacity, resolve_threshold
 from trainer.config import ConfigError, Phase2Config, TrainConfig, config_to_dict, load_config, save_config
 from trainer.data import DataError, expand_pattern, make_eval_loader, make_train_loader
 from trainer.distributed import check_ddp_consistency, make_accelerator, max_param_diff
@@ -459,8 +459,8 @@ def run(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
     runner = Runner(cfg, resume)
     level = logging.INFO if runner.main else logging.WARNING
     logging.basicConfig(level=level, format=f"%(asctime)s [rank {runner.rank}] %(name)s: %(message)s")
-    # "auto" becomes a number before the config is saved, so every checkpoint holds the value it used.
-    runner.cfg = resolve_threshold(runner.cfg, runner.resume_from)
+    # Each "auto" becomes a number before the config is saved, so every checkpoint holds the value it used.
+    runner.cfg = resolve_capacity(resolve_threshold(runner.cfg, runner.resume_from), runner.resume_from)
     if runner.main:
         log.info("world size %d, device %s, config %s", runner.world, runner.acc.device,
                  {k: v for k, v in config_to_dict(cfg).items() if k in ("data", "model")})
