@@ -54,7 +54,7 @@ def test_auto_threshold_is_calibrated_logged_saved_and_kept_on_resume(tmp_path, 
         # Into a new folder, as launch/results.py does: its embedded server starts empty and is restored.
         assert train_main(["--config", str(cfg_path), "--resume", str(ckpt), f"run.out_dir={tmp_path / 'run2'}",
                            f"data.train={other}", "phase1.steps=3"]) == 0
-    assert any(f"phase1.threshold auto: {expected:.4f} nats, as in" in r.getMessage() for r in caplog.records)
+    assert any(f"phase1.threshold auto: {expected:g} nats, as in" in r.getMessage() for r in caplog.records)
     # The start-up line reports the restored memory, not the empty one the embedded server began with.
     filled = [int(m.group(1)) for r in caplog.records
               if (m := re.search(r"memory 'default' at \S+: capacity \d+, filled (\d+)", r.getMessage()))]

@@ -74,16 +74,30 @@ def calibration_report(r: dict) -> str:
     ])
 
 
+def _with(cfg: TrainConfig, section: str, key: str, value) -> TrainConfig:
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{key: value})})
+
+
+def _resumed_value(cfg: TrainConfig, section: str, key: str, unit: str, resume_from: str | Path | None
+                   ) -> TrainConfig | None:
+    """cfg with the number an 'auto' key was resolved to in the checkpoint resumed from, or None."""
+    if resume_from is None:
+        return None
+    saved = getattr(getattr(load_config(Path(resume_from) / "config.yaml"), section), key)
+    if isinstance(saved, str):
+        return None
+    log.info("%s.%s auto: %g %s, as in %s", section, key, saved, unit, resume_from)
+    return _with(cfg, section, key, saved)
+
+
 def resolve_threshold(cfg: TrainConfig, resume_from: str | Path | None = None) -> TrainConfig:
     """cfg with a numeric phase1.threshold: unchanged when it is a number; when 'auto', the value of the
     checkpoint resumed from (a resumed run keeps its delta_1), else calibrated now on cfg.data.train."""
     if not isinstance(cfg.phase1.threshold, str):
         return cfg
-    if resume_from is not None:
-        saved = load_config(Path(resume_from) / "config.yaml").phase1.threshold
-        if not isinstance(saved, str):
-            log.info("phase1.threshold auto: %.4f nats, as in %s", saved, resume_from)
-            return dataclasses.replace(cfg, phase1=dataclasses.replace(cfg.phase1, threshold=saved))
+    resumed = _resumed_value(cfg, "phase1", "threshold", "nats", resume_from)
+    if resumed is not None:
+        return resumed
     r = calibrate_threshold(cfg, AUTO_IMAGES, POSITIVE_RATE)
     value = round(r["threshold"], 4)
     log.info("phase1.threshold auto: %.4f nats (%.0f %% of %d pairs of %d training images positive; "
@@ -92,7 +106,7 @@ def resolve_threshold(cfg: TrainConfig, resume_from: str | Path | None = None) -
     if value <= 0:
         raise ValueError(f"phase1.threshold auto: the {POSITIVE_RATE:.0%} quantile of the pair KL of "
                          f"{cfg.data.train} is {value}; the training images have (nearly) identical colours")
-    return dataclasses.replace(cfg, phase1=dataclasses.replace(cfg.phase1, threshold=value))
+    return _with(cfg, "phase1", "threshold", value)
 
 
 def resolve_capacity(cfg: TrainConfig, resume_from: str | Path | None = None) -> TrainConfig:
@@ -100,14 +114,12 @@ def resolve_capacity(cfg: TrainConfig, resume_from: str | Path | None = None) ->
     (a resumed run keeps its memory's shape), else ceil(CAPACITY_PER_IMAGE x the images of data.train)."""
     if not isinstance(cfg.memory.capacity, str):
         return cfg
-    if resume_from is not None:
-        saved = load_config(Path(resume_from) / "config.yaml").memory.capacity
-        if not isinstance(saved, str):
-            log.info("memory.capacity auto: %d slots, as in %s", saved, resume_from)
-            return dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, capacity=saved))
+    resumed = _resumed_value(cfg, "memory", "capacity", "slots", resume_from)
+    if resumed is not None:
+        return resumed
     images = count_samples(cfg.data.train)
     if images < 1:
         raise ValueError(f"memory.capacity auto: data.train {cfg.data.train!r} holds no images to size the memory by")
     capacity = math.ceil(CAPACITY_PER_IMAGE * images - 1e-9)
     log.info("memory.capacity auto: %d slots (%g x %d training images)", capacity, CAPACITY_PER_IMAGE, images)
-    return dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, capacity=capacity))
+    return _with(cfg, "memory", "capacity", capacity)
