@@ -197,6 +197,7 @@ def test_every_shipped_config_loads(path):
     cfg = load_config(CONFIGS / path)
     assert cfg.data.image_size in (32, 64, 128, 256)
     assert cfg.phase1.threshold == "auto" or cfg.phase1.threshold > 0
+    assert cfg.memory.capacity == "auto" or cfg.memory.capacity > 0
     if path.endswith("_gpu.yaml"):
         assert cfg.data.image_size == 256 and cfg.model.generator.width == 64  # the paper's scale
 
