@@ -9,7 +9,7 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trainer.typed_config import ConfigError, convert, flatten, from_dict, to_dict
+from trainer.typed_config import ConfigError, auto_or, convert, flatten, from_dict, to_dict
 
 
 @dataclass(frozen=True)
@@ -95,3 +95,19 @@ def test_a_wrong_type_deep_in_the_tree_names_its_dotted_path(value):
         from_dict(Outer, {"inner": {"name": value}} if not isinstance(value, str) else {"inner": {"name": 1}}, "")
     with pytest.raises(ConfigError, match=r"sizes\[1\]"):
         from_dict(Outer, {"sizes": [1, "two"]}, "")
+
+
+@dataclass(frozen=True)
+class Slots:
+    n: int | str = "auto"
+
+
+@given(st.one_of(st.text(), st.integers()))
+def test_auto_or_takes_the_word_auto_or_a_valid_value_and_names_anything_else(value):
+    ok = value == "auto" or (isinstance(value, int) and value > 0)
+    if ok:
+        auto_or(Slots(value), "memory", "n", "a number > 0", lambda v: v > 0)
+    else:
+        with pytest.raises(ConfigError) as e:
+            auto_or(Slots(value), "memory", "n", "a number > 0", lambda v: v > 0)
+        assert str(e.value) == f"memory.n must be a number > 0 or 'auto', got {value!r}"

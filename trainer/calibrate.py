@@ -120,6 +120,6 @@ def resolve_capacity(cfg: TrainConfig, resume_from: str | Path | None = None) ->
     images = count_samples(cfg.data.train)
     if images < 1:
         raise ValueError(f"memory.capacity auto: data.train {cfg.data.train!r} holds no images to size the memory by")
-    capacity = math.ceil(CAPACITY_PER_IMAGE * images - 1e-9)
+    capacity = math.ceil(CAPACITY_PER_IMAGE * images - 1e-9)  # 1.2 * 5 is 6.000000000000001 in floats: 6, not 7
     log.info("memory.capacity auto: %d slots (%g x %d training images)", capacity, CAPACITY_PER_IMAGE, images)
     return _with(cfg, "memory", "capacity", capacity)

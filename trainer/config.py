@@ -19,7 +19,7 @@ import yaml
 
 from pccnet.color import NUM_BINS
 from pccnet.config import DiscriminatorConfig, ExtractorConfig, GeneratorConfig, SamplerConfig
-from trainer.typed_config import ConfigError, choice, flatten, from_dict, positive
+from trainer.typed_config import ConfigError, auto_or, choice, flatten, from_dict, positive
 from trainer.typed_config import to_dict as config_to_dict
 
 __all__ = ["ConfigError", "TrainConfig", "apply_override", "config_from_dict", "config_to_dict", "flatten",
@@ -174,8 +174,7 @@ class Phase1Config(_Section):
                               f"and {self.backbone_lr_scale}")
         if self.patience and not self.val_every:
             raise ConfigError(f"{path}.patience={self.patience} needs {path}.val_every > 0 (the evaluations it counts)")
-        if isinstance(self.threshold, str) and self.threshold != "auto":
-            raise ConfigError(f"{path}.threshold must be a number of nats or 'auto', got {self.threshold!r}")
+        auto_or(self, path, "threshold", "a number of nats")
         if (not isinstance(self.threshold, str) and self.threshold < 0) or self.age_noise < 0 or self.val_every < 0:
             raise ConfigError(f"{path}: threshold, age_noise and val_every must be >= 0")
 
@@ -257,13 +256,8 @@ class MemoryConfig(_Section):
 
     def validate(self, path: str) -> None:
         positive(self, path, "timeout_ms", "key_cache_mb")
-        if isinstance(self.capacity, str):
-            if self.capacity != "auto":
-                raise ConfigError(f"{path}.capacity must be a number of slots or 'auto', got {self.capacity!r}")
-        else:
-            positive(self, path, "capacity")
-        if isinstance(self.key_cache, str) and self.key_cache != "auto":
-            raise ConfigError(f"{path}.key_cache must be true, false or 'auto', got {self.key_cache!r}")
+        auto_or(self, path, "capacity", "a number of slots > 0", lambda v: v > 0)
+        auto_or(self, path, "key_cache", "true, false")
         if self.retries < 0:
             raise ConfigError(f"{path}.retries must be >= 0, got {self.retries}")
         choice(self, path, "durability", ("always", "batch", "none"))
@@ -288,9 +282,7 @@ class SpeedConfig(_Section):
 
     def validate(self, path: str) -> None:
         choice(self, path, "optimizer", ("default", "foreach", "fused", "for_loop"))
-        t = self.phase1_cpu_threads
-        if (isinstance(t, str) and t != "auto") or (not isinstance(t, str) and (isinstance(t, bool) or t < 1)):
-            raise ConfigError(f"{path}.phase1_cpu_threads must be 'auto' or an integer >= 1, got {t!r}")
+        auto_or(self, path, "phase1_cpu_threads", "an integer >= 1", lambda t: not isinstance(t, bool) and t >= 1)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,13 @@ def choice(obj: Any, path: str, name: str, allowed: tuple[str, ...]) -> None:
         raise ConfigError(f"{path}.{name} must be one of {list(allowed)}, got {value!r}")
 
 
+def auto_or(obj: Any, path: str, name: str, what: str, valid=lambda v: True) -> None:
+    """A field that holds the word "auto" (resolved later) or a value `valid` accepts, `what` naming it."""
+    value = getattr(obj, name)
+    if (value != "auto") if isinstance(value, str) else not valid(value):
+        raise ConfigError(f"{path}.{name} must be {what} or 'auto', got {value!r}")
+
+
 # A YAML 1.1 float PyYAML leaves as text (1e-3 has no dot, so it is not a float there).
 _FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
