@@ -155,8 +155,9 @@ def score_row(row: str, cfg_path: str, cfg, root: Path, phase1: Path, overrides:
     eval_json = root / f"eval-{row}.json"
     if row_overrides is not None:
         train_row(row, cfg_path, cfg, root, phase1, overrides, log)
-    # Rows that retrieve are scored with the shared phase-1 memory: phase 2 never reads the memory, so
-    # a row trained before delta_1 was recalibrated is re-scored, not retrained, when phase 1 changes.
+    # Rows that retrieve are scored with the shared phase-1 memory: phase 2 does not read the memory (unless
+    # phase2.feature_blend_towards is 'retrieved'), so a row trained before delta_1 was recalibrated is
+    # re-scored, not retrained, when phase 1 changes.
     retrieves = row in RETRIEVING_ROWS
     if eval_json.is_file():
         old = json.loads(eval_json.read_text())

@@ -128,6 +128,7 @@ def test_shape_keys_follow_the_nested_paths():
         ("phase2.betas=[0.5]", r"phase2\.betas must be two numbers"),
         ("phase2.betas=0.5", r"phase2\.betas: expected a list"),
         ("phase2.feature_blend=1.5", r"phase2\.feature_blend must be in \[0, 1\], got 1\.5"),
+        ("phase2.feature_blend_towards=nearest", r"phase2\.feature_blend_towards must be one of .*'nearest'"),
         ("data=3", r"data: expected a mapping"),
         ("run.seed", r"must look like key\.path=value"),
         ("model.generator.width.x=1", r"model\.generator\.width: expected an int, got \{'x': 1\}"),

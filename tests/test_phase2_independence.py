@@ -1,4 +1,5 @@
-"""Phase 2 never reads the colour memory: G and D come out bit-identical from two different memories.
+"""Phase 2 does not read the colour memory: G and D come out bit-identical from two different memories
+(the one exception, phase2.feature_blend_towards: retrieved, is tested last).
 
 This is what lets launch/results.py re-score trained rows with a recalibrated memory instead of
 retraining them (the training-time saving measured in docs/RESULTS.md). The runs train in this
@@ -6,6 +7,7 @@ process with the in-process memory (memory.address: inproc); the end-of-phase-1 
 watched on the way (a threshold every pair passes writes nothing).
 """
 
+import json
 import logging
 
 import numpy as np
@@ -53,3 +55,22 @@ def test_phase2_weights_do_not_depend_on_the_phase1_memory(tmp_path, caplog):
         assert a.keys() == b.keys()
         for name in a:
             assert torch.equal(a[name], b[name]), f"{net}.{name} depends on the phase-1 memory"
+
+
+def test_blending_towards_retrieved_answers_reads_the_memory(tmp_path):
+    """phase2.feature_blend_towards: retrieved is the one phase-2 option that does read the memory: G then
+    depends on which memory phase 1 left, and the step's retrieval time is logged."""
+    shards = write_tiny_shards(tmp_path / "shards")
+    models = []
+    for threshold in (0.1, 100.0):
+        p1 = tmp_path / f"p1-{threshold}"
+        _train(p1, shards, "phase1.steps=4", f"phase1.threshold={threshold}", "phase2.steps=0",
+               "run.checkpoint_every=4")
+        out = tmp_path / f"p2-{threshold}"
+        _train(out, shards, "phase1.steps=4", "phase2.steps=3", "run.checkpoint_every=100", "run.log_every=1",
+               "phase2.feature_blend=1", "phase2.feature_blend_towards=retrieved",
+               resume=str(p1 / "checkpoints" / "step-0000004"))
+        models.append(load_checkpoint(out / "checkpoints" / "step-0000007")["models"]["generator"])
+        rows = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
+        assert any(r.get("phase") == 2 and r.get("time/retrieve_s", 0) > 0 for r in rows)
+    assert any(not torch.equal(models[0][k], models[1][k]) for k in models[0])

@@ -149,3 +149,23 @@ def test_anneal_outside_0_1_is_a_config_error_naming_it(bad):
     apply_override(data, bad)
     with pytest.raises(ConfigError, match=r"retrieval\.anneal"):
         config_from_dict(data)
+
+
+def test_exclude_ids_leave_a_querys_own_slot_out():
+    """Leave-one-out retrieval (phase2.feature_blend_towards: retrieved): the slot written with the query's own
+    item id never answers it, also when the search has to go deeper to find another written slot."""
+    mem = InProcessMemory(capacity=16, key_dim=4, value_dim=NUM_BINS, seed=0, backend="torch")
+    keys = np.eye(4, dtype=np.float32)[:2]
+    values = np.full((2, NUM_BINS), 1e-6, np.float32)
+    values[np.arange(2), [10, 20]] = 1.0
+    mem.put(np.array([1, 2]), keys, values, item_ids=np.array([7, 8]))
+    q = np.array([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]], np.float32)
+    light = torch.zeros(2, 1, 16, 16)
+    c, slots = retrieve_color_feature(FixedQuery(q), light, mem, k=1, capacity=16)
+    assert slots.tolist() == [1, 2]
+    # Each query's nearest slot is its own: left out, the other written slot answers, found by a deeper search.
+    c, slots = retrieve_color_feature(FixedQuery(q), light, mem, k=1, capacity=16, exclude_ids=np.array([7, 8]))
+    assert slots.tolist() == [2, 1] and c.argmax(1).tolist() == [20, 10]
+    # An id no slot holds changes nothing.
+    c, slots = retrieve_color_feature(FixedQuery(q), light, mem, k=1, capacity=16, exclude_ids=np.array([9, 9]))
+    assert slots.tolist() == [1, 2]

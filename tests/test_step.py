@@ -125,6 +125,14 @@ def test_blend_features_mixes_towards_the_batch_mean():
     assert len(set(a.tolist())) == B  # a different amount for each image
 
 
+def test_blend_features_towards_given_targets():
+    c, t = batch()["color_feature"], batch(5)["color_feature"]
+    out = blend_features(c, 1.0, torch.Generator().manual_seed(0), towards=t)
+    a = torch.rand(B, 2, generator=torch.Generator().manual_seed(0))[:, 1]  # the same draws as the blend's
+    assert torch.allclose(out, c + a[:, None] * (t - c), atol=1e-6)
+    assert torch.allclose(out.sum(1), torch.ones(B))
+
+
 def test_feature_blend_changes_what_the_step_learns(acc):
     outcomes = []
     for share in (0.0, 1.0):

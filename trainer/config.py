@@ -223,12 +223,17 @@ class Phase2Config(_Section):
     # features retrieval gives at test time (trainer.step.blend_features; docs/RESULTS.md "Phase 2 on
     # blended colour features"). 0: always the image's own feature (the paper).
     feature_blend: float = 0.5
+    # What a blended feature moves towards: "batch_mean" (the mean of the batch's features) or "retrieved"
+    # (the memory's answer for the image by the `retrieval:` options, its own slot left out: the kind of
+    # answer test time gives, at one extractor forward per phase-2 step; trainer.loop.Runner._blend_targets).
+    feature_blend_towards: str = "batch_mean"
 
     def validate(self, path: str) -> None:
         if self.steps < 0:
             raise ConfigError(f"{path}.steps must be >= 0, got {self.steps}")
         if not 0 <= self.feature_blend <= 1:
             raise ConfigError(f"{path}.feature_blend must be in [0, 1], got {self.feature_blend}")
+        choice(self, path, "feature_blend_towards", ("batch_mean", "retrieved"))
         positive(self, path, "lr", "lr_final")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"{path}.betas must be two numbers in [0, 1), got {list(self.betas)}")

@@ -116,8 +116,9 @@ class Colorizer:
         self.background = self.cfg.data.background
         self.generator = Generator(self.cfg.model.generator)
         self.generator.load_state_dict(generator_state(state["models"]))
-        # memory_from: the extractor and memory of another checkpoint (phase 2 never reads the memory, so
-        # a generator can be scored with any memory trained for the same data).
+        # memory_from: the extractor and memory of another checkpoint (phase 2 does not read the memory unless
+        # phase2.feature_blend_towards is 'retrieved', so a generator can be scored with any memory trained
+        # for the same data).
         source = state if memory_from is None else load_for_inference(memory_from, map_location="cpu")
         self.memory_source = source["path"]
         self.extractor_dim = source["config"].model.extractor.dim

@@ -195,7 +195,15 @@ class Runner:
             if self.main and sum(x.shape[0] for x in self.phase1_probe) < PROBE_IMAGES:
                 self.phase1_probe.append(batch["light"][:8].detach().cpu())
         else:
+            p2 = self.cfg.phase2
+            t_retrieve = None
+            if self.cfg.model.use_memory and p2.feature_blend > 0 and p2.feature_blend_towards == "retrieved":
+                t_retrieve = time.perf_counter()
+                batch["blend_target"] = self._blend_targets(batch)
+                t_retrieve = time.perf_counter() - t_retrieve
             scalars, timings = gan_step(self.ctx, self.gen, self.disc, self.opt_g, self.opt_d, batch, self.patch_rng)
+            if t_retrieve is not None:
+                timings["retrieve"] = t_retrieve
             self.sched_g.step()
             self.sched_d.step()
             if self.sample_batch is None:
@@ -344,6 +352,16 @@ class Runner:
         warning = collapse_warning(filled, capacity, answers, probe.shape[0], self.cfg.phase1.threshold)
         if warning:
             log.warning(warning)
+
+    @torch.no_grad()
+    def _blend_targets(self, batch: dict) -> torch.Tensor:
+        """phase2.feature_blend_towards: retrieved. Each training image's answer from the phase-1 memory by
+        the test-time retrieval options, leaving out the slot it wrote itself (its item id): otherwise it
+        would get its own colours back, not the vaguer answer an unseen image gets."""
+        with self._eval_extractor() as extractor:
+            c, _ = self.memory.retrieve(extractor, batch["light"], RetrievalOptions.of(self.cfg.retrieval),
+                                        exclude_ids=batch["item_id"].cpu().numpy())
+        return c
 
     @torch.no_grad()
     def validate_retrieval(self) -> dict[str, float]:

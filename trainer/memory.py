@@ -186,11 +186,12 @@ class TrainerMemory:
         self.mirror = None  # rebuilt from the restored keys by the next phase-1 query
         return restore_memory(self.client, state)
 
-    def retrieve(self, extractor: nn.Module, light: Tensor, options: RetrievalOptions = PAPER
-                 ) -> tuple[Tensor, np.ndarray]:
+    def retrieve(self, extractor: nn.Module, light: Tensor, options: RetrievalOptions = PAPER,
+                 exclude_ids: np.ndarray | None = None) -> tuple[Tensor, np.ndarray]:
         """Test-time retrieval (trainer.retrieval) from this memory; not counted as training traffic."""
         self._raise_pending()
-        return retrieve_color_feature(extractor, light, self.client, capacity=self.cfg.capacity, options=options)
+        return retrieve_color_feature(extractor, light, self.client, capacity=self.cfg.capacity, options=options,
+                                      exclude_ids=exclude_ids)
 
     def close(self) -> None:
         try:

@@ -63,29 +63,39 @@ def query_features(extractor, light: Tensor, flip: bool = False) -> Tensor:
 @torch.no_grad()
 def retrieve_color_feature(extractor, light: Tensor, memory, name: str | None = None,
                            capacity: int | None = None, k: int = DEFAULT_K,
-                           options: RetrievalOptions = PAPER) -> tuple[Tensor, np.ndarray]:
+                           options: RetrievalOptions = PAPER, exclude_ids: np.ndarray | None = None
+                           ) -> tuple[Tensor, np.ndarray]:
     """Network-scaled light [B,1,S,S] -> (colour feature [B,313], slot ids [B] of the best written slot).
 
     Slots never written still hold their random initial keys and uniform values; only written slots
     (item id >= 0) answer. Queries with fewer than options.k written slots among the top-k are asked
     again with 4x the k (up to `capacity`): a sparsely written memory would otherwise answer them with
     a uniform value. The answer mixes the values of the options.k best written slots (mix_values).
+    exclude_ids [B] int64: a slot whose item id is the query's own does not answer it (leave-one-out, for
+    training images the memory was written from).
     """
     query = query_features(extractor, light, options.flip).float().cpu().numpy()
-    return retrieve_for_queries(query, memory, name=name, capacity=capacity, k=k, options=options, device=light.device)
+    return retrieve_for_queries(query, memory, name=name, capacity=capacity, k=k, options=options, device=light.device,
+                                exclude_ids=exclude_ids)
 
 
 def retrieve_for_queries(query: np.ndarray, memory, name: str | None = None, capacity: int | None = None,
                          k: int = DEFAULT_K, options: RetrievalOptions = PAPER,
-                         device: torch.device | str = "cpu") -> tuple[Tensor, np.ndarray]:
+                         device: torch.device | str = "cpu", exclude_ids: np.ndarray | None = None
+                         ) -> tuple[Tensor, np.ndarray]:
     """retrieve_color_feature for ready-made queries [B, dim] (unit vectors)."""
+
+    def answering(item_ids: np.ndarray, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
+        ok = item_ids >= 0
+        return ok if exclude_ids is None else ok & (item_ids != exclude_ids[rows, None])
+
     want = options.k
     k = max(k, 4 * want)
     if capacity is not None:
         k = min(k, capacity)
     fields = ("values", "item_ids")
     reply = memory.query(query, k=k, fields=fields, memory=name)
-    values, sims, written = reply["values"], reply["sims"], reply["item_ids"] >= 0
+    values, sims, written = reply["values"], reply["sims"], answering(reply["item_ids"])
     slots = reply["slots"]
     short = np.flatnonzero(written.sum(1) < want)
     while short.size and capacity is not None and k < capacity:
@@ -94,7 +104,7 @@ def retrieve_for_queries(query: np.ndarray, memory, name: str | None = None, cap
         values, sims, written, slots = (_widen(a, k) for a in (values, sims, written, slots))
         w = again["values"].shape[1]
         values[short, :w], sims[short, :w] = again["values"], again["sims"]
-        written[short, :w], slots[short, :w] = again["item_ids"] >= 0, again["slots"]
+        written[short, :w], slots[short, :w] = answering(again["item_ids"], short), again["slots"]
         short = short[written[short].sum(1) < want]
     c, best = mix_values(values, sims, written, options)
     # Nothing written anywhere in reach: the plain top-1 (a uniform value of an unwritten slot).

@@ -106,13 +106,16 @@ def memory_step(ctx: StepContext, extractor: nn.Module, opt: torch.optim.Optimiz
     return scalars, timings
 
 
-def blend_features(c: torch.Tensor, share: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Each row of c, with probability `share`, moved to (1 - a) c + a mean(c) with a ~ U(0, 1): a convex
-    mix of histograms, so still a distribution. The draws come from the CPU generator (the patch sampler's
-    in a run), so a seed gives the same blends on every device."""
+def blend_features(c: torch.Tensor, share: float, generator: torch.Generator | None = None,
+                   towards: torch.Tensor | None = None) -> torch.Tensor:
+    """Each row of c, with probability `share`, moved to (1 - a) c + a t with a ~ U(0, 1), t the row of
+    `towards` (default: the batch's mean feature): a convex mix of histograms, so still a distribution.
+    The draws come from the CPU generator (the patch sampler's in a run), so a seed gives the same blends
+    on every device, whatever the target."""
     draws = torch.rand(c.shape[0], 2, generator=generator)
     a = torch.where(draws[:, 0] < share, draws[:, 1], torch.zeros(())).to(c)
-    return c + a[:, None] * (c.mean(0, keepdim=True) - c)
+    target = c.mean(0, keepdim=True) if towards is None else towards.to(c)
+    return c + a[:, None] * (target - c)
 
 
 def set_requires_grad(module: nn.Module, flag: bool) -> None:
@@ -123,14 +126,17 @@ def set_requires_grad(module: nn.Module, flag: bool) -> None:
 def gan_step(ctx: StepContext, gen: nn.Module, disc: nn.Module, opt_g: torch.optim.Optimizer,
              opt_d: torch.optim.Optimizer, batch: dict, patch_generator: torch.Generator | None = None
              ) -> tuple[dict[str, float], dict[str, float]]:
-    """Phase 2 (CUT order): G forward, D step on LSGAN, then G+F step on L_PC, L_IC, Huber and LSGAN."""
+    """Phase 2 (CUT order): G forward, D step on LSGAN, then G+F step on L_PC, L_IC, Huber and LSGAN.
+
+    batch["blend_target"] [B, 313], when present, is what phase2.feature_blend moves features towards
+    (the memory's answers, trainer.loop); without it, the batch's mean feature."""
     acc = ctx.accelerator
     cfg = ctx.loss
     device = acc.device
     light, real_ab = as_step_input(batch["light"], ctx.channels_last), as_step_input(batch["ab"], ctx.channels_last)
     c = batch["color_feature"] if ctx.use_memory else uniform_color_feature(light.shape[0], device)
     if ctx.use_memory and ctx.feature_blend > 0:
-        c = blend_features(c, ctx.feature_blend, patch_generator)
+        c = blend_features(c, ctx.feature_blend, patch_generator, batch.get("blend_target"))
     def autocast():  # a fresh context per use: accelerate's is a one-shot generator context manager
         return acc.autocast() if acc.mixed_precision != "no" else nullcontext()
     need_patches = cfg.needs_patches
