@@ -125,6 +125,9 @@ class Runner:
                                world_size=self.world, seed=cfg.run.seed, channels_last=cfg.train.channels_last,
                                feature_blend=cfg.phase2.feature_blend)
         self.patch_rng = torch.Generator().manual_seed(cfg.run.seed * 31 + self.rank)
+        # phase2.feature_blend_towards: retrieved: each phase-2 batch asks the memory for its blend targets.
+        self.blend_retrieved = (cfg.model.use_memory and cfg.phase2.feature_blend > 0
+                                and cfg.phase2.feature_blend_towards == "retrieved")
         self.threads = {2: torch.get_num_threads()}
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
         self.threads[1] = speed.phase1_threads(cfg.train, cfg.data.workers, local_world, acc.device) or self.threads[2]
@@ -195,14 +198,12 @@ class Runner:
             if self.main and sum(x.shape[0] for x in self.phase1_probe) < PROBE_IMAGES:
                 self.phase1_probe.append(batch["light"][:8].detach().cpu())
         else:
-            p2 = self.cfg.phase2
-            t_retrieve = None
-            if self.cfg.model.use_memory and p2.feature_blend > 0 and p2.feature_blend_towards == "retrieved":
-                t_retrieve = time.perf_counter()
+            t_retrieve = time.perf_counter()
+            if self.blend_retrieved:
                 batch["blend_target"] = self._blend_targets(batch)
-                t_retrieve = time.perf_counter() - t_retrieve
+            t_retrieve = time.perf_counter() - t_retrieve
             scalars, timings = gan_step(self.ctx, self.gen, self.disc, self.opt_g, self.opt_d, batch, self.patch_rng)
-            if t_retrieve is not None:
+            if self.blend_retrieved:
                 timings["retrieve"] = t_retrieve
             self.sched_g.step()
             self.sched_d.step()
