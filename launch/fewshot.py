@@ -13,7 +13,9 @@ alone, the trained memory plus the exemplars in one memory, the exemplars alone,
 cGAN + smooth L1 baseline and the own-colour-feature ceiling, each scored with FID (bootstrap spread),
 LPIPS, PSNR, colourfulness and the retrieval KL. Training is launch/results.py's (phase 1 once, then
 each row's phase 2, in the same folder), so finished steps are skipped and a re-run only re-scores what
-changed. Writes <root>/fewshot.md, <root>/fewshot.json and, with --figure, gray | K ... | truth.
+changed. Writes <root>/fewshot.md, <root>/fewshot.json and, with --figure, gray | K ... | truth. With
+--seeds 0,1,2 every trained row's phase 2 runs once per seed from the same phase 1 and the table over
+seeds is added (trainer.seeds): one training's FID spread does not cover training variance.
 """
 
 from __future__ import annotations
@@ -31,8 +33,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 def scoreboard(args, overrides: list[str]) -> int:
     from launch.results import phase1_name, train_phase1, train_row
+    from trainer import seeds as seeds_mod
     from trainer.config import load_config
-    from trainer.fewshot import TRAINED_ROWS, Memories, figure, load_data, make_shards, score, table
+    from trainer.fewshot import (
+        TRAINED_ROWS,
+        Memories,
+        figure,
+        load_data,
+        make_shards,
+        row_key,
+        row_label,
+        score,
+        table,
+    )
     from trainer.inference import pick_device
     from trainer.retrieval import RetrievalOptions
 
@@ -61,24 +74,37 @@ def scoreboard(args, overrides: list[str]) -> int:
     unknown = [r for r in rows if r not in TRAINED_ROWS]
     if unknown or "full" not in rows:
         raise ValueError(f"--rows must include 'full' and be among {list(TRAINED_ROWS)}, got {args.rows!r}")
-    ckpts = {row: train_row(row, args.config, cfg, root, phase1, overrides, log) for row in rows}
-    ckpts = {row: c for row, c in ckpts.items() if c is not None}
+    seeds = args.seeds or [cfg.run.seed]
+    main_seed = cfg.run.seed if cfg.run.seed in seeds else seeds[0]
+    ckpts = {}
+    for seed in seeds:
+        trained = {row: train_row(row, args.config, cfg, root, phase1, overrides, log, seed) for row in rows}
+        ckpts[seed] = {row: c for row, c in trained.items() if c is not None}
     options = RetrievalOptions.of(cfg.retrieval)
     device = str(pick_device(args.device))
     images = Path(cfg.fewshot.images)
     with Memories(phase1, device, flip=options.flip) as memories:
         names = memories.build(data, images)
-        results = score(root / "fewshot", ckpts, phase1, memories, names, patterns["test"], options, args.bootstrap,
-                        args.batch_size)
+        per_seed = {seed: score(root / "fewshot", ckpts[seed], phase1, memories, names, patterns["test"], options,
+                                args.bootstrap, args.batch_size) for seed in seeds}
         if args.figure:
-            figure(Path(args.figure), data, images, ckpts["full"], phase1, memories, options, args.images_n)
+            figure(Path(args.figure), data, images, ckpts[main_seed]["full"], phase1, memories, options, args.images_n)
             print(f"written {args.figure}")
+    results = per_seed[main_seed]
     title = (f"{Path(args.config).stem}: {cfg.data.image_size} px, phase 1 {cfg.phase1.steps} steps, phase 2 "
-             f"{cfg.phase2.steps} steps of batch {cfg.data.batch_size}; retrieval {dataclasses.asdict(options)}")
+             f"{cfg.phase2.steps} steps of batch {cfg.data.batch_size}; retrieval {dataclasses.asdict(options)}"
+             + (f"; seed {main_seed}" if len(seeds) > 1 else ""))
     text = table(results, title)
+    report = {"config": args.config, "overrides": overrides, "rows": results}
+    if len(seeds) > 1:
+        keyed = {seed: {row_key(r): r for r in rows_} for seed, rows_ in per_seed.items()}
+        summary = seeds_mod.summarize(keyed, "base")
+        labels = {row_key(r): row_label(r) for r in results}
+        text += (f"\n\nOver seeds {', '.join(map(str, seeds))} (phase 2 trained once per seed from the same phase 1; "
+                 "± is the sd over seeds: training variance)\n\n" + seeds_mod.table(summary, labels, "base"))
+        report.update(seeds={str(seed): rows_ for seed, rows_ in per_seed.items()}, over_seeds=summary)
     (root / "fewshot.md").write_text(text + "\n")
-    (root / "fewshot.json").write_text(json.dumps({"config": args.config, "overrides": overrides,
-                                                   "rows": results}, indent=2) + "\n")
+    (root / "fewshot.json").write_text(json.dumps(report, indent=2) + "\n")
     print("\n" + text + f"\n\nwritten {root / 'fewshot.md'}")
     return 0
 
@@ -100,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bootstrap", type=int, default=100, help="FID bootstrap resamplings (default 100)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when present)")
+    parser.add_argument("--seeds", help="train the rows once per seed, e.g. 0,1,2, and add the table over seeds "
+                                        "(default: the config's run.seed only)")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides (retrieval.k=8 phase2.steps=200 ...)")
     args = parser.parse_args(argv)
     args.images_n = max(1, args.images_n)
@@ -108,6 +136,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.bootstrap < 0:
         parser.error(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    from trainer.seeds import parse_seeds
+
+    try:
+        args.seeds = parse_seeds(args.seeds) if args.seeds is not None else None
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.shots is not None:
         try:
             shots = [int(k) for k in args.shots.split(",") if k.strip()]

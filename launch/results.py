@@ -3,12 +3,16 @@
     python launch/results.py --config configs/pokemon_every10_cpu.yaml            # every row
     python launch/results.py --config configs/pokemon_every10_cpu.yaml --rows full,gray
     python launch/results.py --config configs/pokemon_every10_cpu.yaml --backbones  # phase-1 retrieval
+    python launch/results.py --config configs/flowers64_cpu.yaml --rows full,no_memory --seeds 0,1,2
 
 Phase 1 (the colour memory) is trained once per data set; every row's phase 2 then starts from that
 same checkpoint (`launch/train.py --resume <phase-1 checkpoint>`) with the row's overrides, so rows
 differ only in what they ablate. Each row is evaluated on data.val with launch/evaluate.py. Finished
 steps are skipped, so the command can be re-run after an interruption. Every command it runs is
-printed and recorded in <root>/commands.txt.
+printed and recorded in <root>/commands.txt. With --seeds, each trained row's phase 2 runs once per
+seed (run.seed; <row>-seed<N>, the config's own seed in <row>) and a second table gives every row over
+the seeds: at CPU scale two trainings of one recipe differ by far more than one model's bootstrap
+spread, so only several seeds order two recipes (trainer.seeds).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 
 from launch.common import module_command, run_step
 from pccnet.config import BACKBONES
+from trainer import seeds as seeds_mod
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -138,23 +143,31 @@ def backbone_table(cfg_path: str, cfg, root: Path, overrides: list[str], log: Pa
     return 0
 
 
-def train_row(row: str, cfg_path: str, cfg, root: Path, phase1: Path, overrides: list[str], log: Path) -> Path:
-    """A trained row's phase 2 from the shared phase-1 checkpoint (skipped when done); its latest checkpoint."""
-    ckpt = latest_checkpoint(root / row)
+def train_row(row: str, cfg_path: str, cfg, root: Path, phase1: Path, overrides: list[str], log: Path,
+              seed: int | None = None) -> Path:
+    """A trained row's phase 2 from the shared phase-1 checkpoint (skipped when done); its latest checkpoint.
+
+    `seed` other than the config's run.seed: trained with run.seed=<seed> in <row>-seed<seed> (trainer.seeds)."""
+    seed = cfg.run.seed if seed is None else seed
+    out = root / seeds_mod.run_name(row, seed, cfg.run.seed)
+    ckpt = latest_checkpoint(out)
     if ckpt is None or int(ckpt.name.split("-")[1]) < cfg.phase1.steps + cfg.phase2.steps:
         # Start from the shared phase-1 checkpoint, or go on from this row's own latest one.
         start = ["--resume", str(phase1)] if ckpt is None else ["--resume", "auto"]
-        run("train", ["--config", cfg_path, *start, f"run.out_dir={root / row}", *overrides, *ROWS[row][1]], log)
-        ckpt = latest_checkpoint(root / row)
+        run("train", ["--config", cfg_path, *start, f"run.out_dir={out}", *overrides, *ROWS[row][1],
+                      *seeds_mod.seed_overrides(seed, cfg.run.seed)], log)
+        ckpt = latest_checkpoint(out)
     return ckpt
 
 
-def score_row(row: str, cfg_path: str, cfg, root: Path, phase1: Path, overrides: list[str], log: Path) -> dict:
+def score_row(row: str, cfg_path: str, cfg, root: Path, phase1: Path, overrides: list[str], log: Path,
+              seed: int | None = None) -> dict:
     """Train a row (unless done or evaluated from 'full') and score it on data.val; its eval JSON."""
     label, row_overrides = ROWS[row]
-    eval_json = root / f"eval-{row}.json"
+    seed = cfg.run.seed if seed is None else seed
+    eval_json = root / f"eval-{seeds_mod.run_name(row, seed, cfg.run.seed)}.json"
     if row_overrides is not None:
-        train_row(row, cfg_path, cfg, root, phase1, overrides, log)
+        train_row(row, cfg_path, cfg, root, phase1, overrides, log, seed)
     # Rows that retrieve are scored with the shared phase-1 memory: phase 2 does not read the memory (unless
     # phase2.feature_blend_towards is 'retrieved'), so a row trained before delta_1 was recalibrated is
     # re-scored, not retrained, when phase 1 changes.
@@ -165,27 +178,38 @@ def score_row(row: str, cfg_path: str, cfg, root: Path, phase1: Path, overrides:
         if (retrieves and old.get("memory_from") != str(phase1)) or not old.get("fid_bootstrap"):
             eval_json.unlink()
     if not eval_json.is_file():
-        source = root / ("full" if row in EVAL_ONLY else row)
+        source = root / seeds_mod.run_name("full" if row in EVAL_ONLY else row, seed, cfg.run.seed)
         extra = EVAL_ONLY.get(row, []) + (["--memory-from", str(phase1)] if retrieves else [])
         run("evaluate", ["--checkpoint", str(source), "--data", cfg.data.val, "--output", str(eval_json), *extra], log)
     return dict(json.loads(eval_json.read_text()), label=label)
 
 
-def results_table(cfg_path: str, cfg, root: Path, rows: list[str], overrides: list[str], log: Path) -> int:
-    """Every requested row trained and scored; results.json and the Markdown table (earlier rows kept)."""
+def results_table(cfg_path: str, cfg, root: Path, rows: list[str], overrides: list[str], log: Path,
+                  seeds: list[int] | None = None) -> int:
+    """Every requested row trained and scored; results.json and the Markdown table (earlier rows kept).
+
+    With `seeds`, every trained row is trained once per seed (trainer.seeds); results.json and the first
+    table stay the config seed's (or the first seed's), and seeds.json and a second table give every row
+    over the seeds, its FID difference to full's taken seed by seed."""
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; choose from {list(ROWS)}")
+    seeds = seeds or [cfg.run.seed]
     phase1 = train_phase1(cfg_path, cfg, root, phase1_name(cfg, cfg.model.extractor.backbone), overrides, log)
-    results = {row: score_row(row, cfg_path, cfg, root, phase1, overrides, log) for row in rows}
+    per_seed = {seed: {row: score_row(row, cfg_path, cfg, root, phase1, overrides, log, seed) for row in rows}
+                for seed in seeds}
+    main_seed = cfg.run.seed if cfg.run.seed in seeds else seeds[0]
+    results = per_seed[main_seed]
     # Rows scored by an earlier call (--rows subset) stay in the table rather than being dropped.
     for row, (label, _) in ROWS.items():
-        if row not in results and (root / f"eval-{row}.json").is_file():
-            results[row] = dict(json.loads((root / f"eval-{row}.json").read_text()), label=label)
+        old = root / f"eval-{seeds_mod.run_name(row, main_seed, cfg.run.seed)}.json"
+        if row not in results and old.is_file():
+            results[row] = dict(json.loads(old.read_text()), label=label)
     results = {row: results[row] for row in ROWS if row in results}
-    (root / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    if main_seed == cfg.run.seed:
+        (root / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"\n{Path(cfg_path).stem}: {cfg.data.image_size} px, {cfg.phase2.steps} phase-2 steps of batch "
-          f"{cfg.data.batch_size}")
+          f"{cfg.data.batch_size}" + (f"; seed {main_seed}" if len(seeds) > 1 else ""))
     from trainer.evaluation import paired_fid_delta
 
     print("| method | FID (n) | FID - full's (± paired std) | LPIPS | PSNR | colourfulness |\n"
@@ -198,11 +222,16 @@ def results_table(cfg_path: str, cfg, root: Path, rows: list[str], overrides: li
         delta = f"{paired[0]:+.2f} ± {paired[1]:.2f}" if paired else ""
         print(f"| {r['label']} | {r['fid']:.2f}{spread} ({r['n_images']}) | {delta} | {r['lpips']:.4f} | "
               f"{r['psnr']:.2f} | {r['colorfulness']:.2f} |")
+    if len(seeds) > 1:
+        summary = seeds_mod.summarize(per_seed, "full")
+        (root / "seeds.json").write_text(json.dumps({"seeds": seeds, "rows": summary}, indent=2) + "\n")
+        print(f"\nOver seeds {', '.join(map(str, seeds))} (± is the sd over seeds: training variance)")
+        print(seeds_mod.table(summary, {row: label for row, (label, _) in ROWS.items()}, "full"))
     return 0
 
 
 def reproduce(cfg_path: str, overrides: list[str], root: str | None, rows: str, backbones: bool,
-              figure: str | None, images: int) -> int:
+              figure: str | None, images: int, seeds: list[int] | None = None) -> int:
     """The command's one job, as chosen: a sample sheet, the backbone table, or the results table."""
     from trainer.config import load_config
 
@@ -216,7 +245,7 @@ def reproduce(cfg_path: str, overrides: list[str], root: str | None, rows: str, 
     if backbones:
         return backbone_table(cfg_path, cfg, out, overrides, out / "commands.txt")
     return results_table(cfg_path, cfg, out, [r.strip() for r in rows.split(",") if r.strip()], overrides,
-                         out / "commands.txt")
+                         out / "commands.txt", seeds)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,9 +256,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbones", action="store_true", help="phase-1 retrieval accuracy of each backbone")
     parser.add_argument("--figure", metavar="PNG", help="write a sample sheet of the trained rows instead")
     parser.add_argument("--images", type=int, default=6, help="test images in the sample sheet")
+    parser.add_argument("--seeds", help="train every row once per seed, e.g. 0,1,2, and add the table over seeds "
+                                        "(default: the config's run.seed only)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
     args = parser.parse_args(argv)
-    return reproduce(args.config, args.overrides, args.root, args.rows, args.backbones, args.figure, args.images)
+    try:
+        seeds = seeds_mod.parse_seeds(args.seeds) if args.seeds is not None else None
+    except ValueError as exc:
+        parser.error(str(exc))
+    return reproduce(args.config, args.overrides, args.root, args.rows, args.backbones, args.figure, args.images,
+                     seeds)
 
 
 if __name__ == "__main__":

@@ -123,6 +123,19 @@ def test_scoreboard_end_to_end(tmp_path, capsys):
     assert fewshot_main([*argv, "retrieval.k=1"]) == 0
     assert len(files("base")) == 2 and base_file.stat().st_mtime_ns == stamp
     assert len(files("oracle")) == 1  # no retrieval: the same score serves both
+    # --seeds: the config's seed (0) is the run above, reused; seed 1 trains full-seed1 from the same phase 1.
+    assert fewshot_main([*argv, "--seeds", "0,1"]) == 0
+    assert base_file.stat().st_mtime_ns == stamp and (root / "full-seed1" / "checkpoints").is_dir()
+    result = json.loads((root / "fewshot.json").read_text())
+    assert set(result["seeds"]) == {"0", "1"}
+    assert [r["fid"] for r in result["rows"]] == [r["fid"] for r in result["seeds"]["0"]]
+    over = result["over_seeds"]
+    assert set(over) == {"base", "base-K1", "novel-K1", "base-K2", "novel-K2", "oracle"}
+    fids = [r["fid"] for s in ("0", "1") for r in result["seeds"][s] if r["memory"] == "base-K2"]
+    assert over["base-K2"]["fid_per_seed"] == pytest.approx(fids) and over["base-K2"]["seeds"] == [0, 1]
+    assert len(over["base-K2"]["delta_per_seed"]) == 2
+    md = (root / "fewshot.md").read_text()
+    assert "Over seeds 0, 1" in md and "| base memory + novel exemplars (one shared memory), K = 2 | 0,1 |" in md
 
 
 def test_scoreboard_errors_are_clear(tmp_path, capsys):

@@ -145,6 +145,38 @@ def test_results_tables_from_finished_rows(tmp_path, capsys):
         results.reproduce(str(REPO / "configs" / "debug_cpu.yaml"), [], str(root), "full", False, None, 2)
 
 
+def test_results_table_over_seeds_from_finished_rows(tmp_path, capsys):
+    """--seeds: each seed's rows in <row>-seed<N> (the config's seed in <row>), gathered without rerunning."""
+    config = REPO / "configs" / "pokemon_every10_cpu.yaml"
+    cfg = load_config(config)
+    root = tmp_path / "root"
+    phase1 = _done_checkpoint(root / results.phase1_name(cfg, "alexnet-imagenet"), cfg.phase1.steps)
+    fids = {("full", 0): 50.0, ("no_memory", 0): 60.0, ("full", 4): 40.0, ("no_memory", 4): 44.0}
+    for (row, seed), fid in fids.items():
+        name = f"{row}-seed{seed}" if seed else row
+        _done_checkpoint(root / name, cfg.phase1.steps + cfg.phase2.steps)
+        score = {"fid": fid, "fid_bootstrap_std": 1.0, "n_images": 81, "lpips": 0.25, "psnr": 22.0,
+                 "colorfulness": 30.0, "memory_from": str(phase1), "image_order": "same",
+                 "fid_bootstrap": [fid, fid + 1.0, fid - 1.0] if row == "full" else [fid, fid + 1.0, fid - 2.0]}
+        (root / f"eval-{name}.json").write_text(json.dumps(score))
+    assert results.results_table(str(config), cfg, root, ["full", "no_memory"], [], root / "commands.txt",
+                                 seeds=[0, 4]) == 0
+    out = capsys.readouterr().out
+    assert not (root / "commands.txt").exists()  # nothing trained or scored again
+    summary = json.loads((root / "seeds.json").read_text())
+    assert summary["seeds"] == [0, 4]
+    nom = summary["rows"]["no_memory"]
+    assert nom["fid_per_seed"] == [60.0, 44.0] and nom["delta_fid"] == pytest.approx(7.0)
+    assert [d["delta"] for d in nom["delta_per_seed"]] == [10.0, 4.0]
+    assert "Over seeds 0, 4" in out
+    assert "| without M | 0,4 | 52.00 ± 11.31 | 60.00 / 44.00 | +7.00 ± 4.24 | 0 of 2 |" in out
+    # results.json stays the config seed's table.
+    assert json.loads((root / "results.json").read_text())["full"]["fid"] == 50.0
+    with pytest.raises(SystemExit):
+        results.main(["--config", str(config), "--seeds", "0,x"])
+    assert "--seeds must be comma-separated integers >= 0, got '0,x'" in capsys.readouterr().err
+
+
 def test_results_sample_sheet_of_trained_rows(tmp_path, capsys):
     shards = write_tiny_shards(tmp_path / "shards", n_shards=1)
     cfg = load_config(LEGACY / "config.yaml", [f"data.val={shards}", "data.workers=0"])

@@ -221,6 +221,15 @@ ROW_LABELS = {
 }
 
 
+def row_key(row: dict) -> str:
+    """A scored row's name across seeds: its memory's name for the memory rows, else the row."""
+    return row["memory"] or row["row"]
+
+
+def row_label(row: dict) -> str:
+    return ROW_LABELS[row["row"]] + (f", K = {row['k']}" if row["k"] else "")
+
+
 def _cached(path: Path, stamp: dict) -> dict | None:
     if path.is_file():
         old = json.loads(path.read_text())
