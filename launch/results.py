@@ -199,7 +199,7 @@ def results_table(cfg_path: str, cfg, root: Path, rows: list[str], overrides: li
     per_seed = {seed: {row: score_row(row, cfg_path, cfg, root, phase1, overrides, log, seed) for row in rows}
                 for seed in seeds}
     main_seed = cfg.run.seed if cfg.run.seed in seeds else seeds[0]
-    results = per_seed[main_seed]
+    results = dict(per_seed[main_seed])  # (the table below may add rows of earlier calls)
     # Rows scored by an earlier call (--rows subset) stay in the table rather than being dropped.
     for row, (label, _) in ROWS.items():
         old = root / f"eval-{seeds_mod.run_name(row, main_seed, cfg.run.seed)}.json"
