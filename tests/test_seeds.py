@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 from hypothesis import given
@@ -58,10 +56,10 @@ def test_summary_over_seeds_pairs_each_row_with_the_reference_of_its_own_seed():
     assert shot["lower_by_two_spreads"] == 1
     assert shot["lpips"] == pytest.approx(np.mean([0.18, 0.16, 0.17]))
     only = out["only1"]
-    assert only["seeds"] == [1] and math.isnan(only["fid_sd"]) and only["delta_fid"] == pytest.approx(30.0)
+    assert only["seeds"] == [1] and only["fid_sd"] is None and only["delta_fid"] == pytest.approx(30.0)
     text = seeds.table(out, {"base": "Base", "shot": "K = 5"}, "base")
     lines = text.splitlines()
     assert "ΔFID vs Base" in lines[0] and len(lines) == 2 + 3
     assert lines[3].startswith("| K = 5 | 0,1,2 | 41.67 ± 3.06 | 45.00 / 39.00 / 41.00 | -3.00 ± 2.83 | 1 of 2 |")
-    # One seed: no sd printed (rather than nan).
+    # One seed: no sd printed (and null, not NaN, in the JSON).
     assert lines[4].startswith("| only1 | 1 | 70.00 | 70.00 | +30.00 | 0 of 1 |")

@@ -11,8 +11,6 @@ import it before torch).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 METRICS = ("fid", "lpips", "psnr", "colorfulness")
@@ -39,9 +37,10 @@ def seed_overrides(seed: int, config_seed: int) -> list[str]:
     return [] if seed == config_seed else [f"run.seed={seed}"]
 
 
-def _mean_sd(values: list[float]) -> tuple[float, float]:
+def _mean_sd(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample sd; the sd of one value is None (JSON null, where NaN would not be valid JSON)."""
     a = np.asarray(values, dtype=np.float64)
-    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else math.nan
+    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else None
 
 
 def summarize(per_seed: dict[int, dict[str, dict]], reference: str) -> dict[str, dict]:
@@ -80,9 +79,9 @@ def summarize(per_seed: dict[int, dict[str, dict]], reference: str) -> dict[str,
     return out
 
 
-def _pm(mean: float, sd: float, digits: int, sign: str = "") -> str:
+def _pm(mean: float, sd: float | None, digits: int, sign: str = "") -> str:
     text = f"{mean:{sign}.{digits}f}"
-    return text if math.isnan(sd) else f"{text} ± {sd:.{digits}f}"
+    return text if sd is None else f"{text} ± {sd:.{digits}f}"
 
 
 def table(summary: dict[str, dict], labels: dict[str, str], reference: str) -> str:
