@@ -75,7 +75,7 @@ def scoreboard(args, overrides: list[str]) -> int:
     if unknown or "full" not in rows:
         raise ValueError(f"--rows must include 'full' and be among {list(TRAINED_ROWS)}, got {args.rows!r}")
     seeds = args.seeds or [cfg.run.seed]
-    main_seed = cfg.run.seed if cfg.run.seed in seeds else seeds[0]
+    main_seed = seeds_mod.main_seed(seeds, cfg.run.seed)
     ckpts = {}
     for seed in seeds:
         trained = {row: train_row(row, args.config, cfg, root, phase1, overrides, log, seed) for row in rows}
@@ -110,6 +110,8 @@ def scoreboard(args, overrides: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from trainer.seeds import seeds_arg
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("--base", help="base-class image list (default: the config's fewshot.base)")
@@ -126,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bootstrap", type=int, default=100, help="FID bootstrap resamplings (default 100)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when present)")
-    parser.add_argument("--seeds", help="train the rows once per seed, e.g. 0,1,2, and add the table over seeds "
-                                        "(default: the config's run.seed only)")
+    parser.add_argument("--seeds", type=seeds_arg,
+                        help="train the rows once per seed, e.g. 0,1,2, and add the table over seeds "
+                             "(default: the config's run.seed only)")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides (retrieval.k=8 phase2.steps=200 ...)")
     args = parser.parse_args(argv)
     args.images_n = max(1, args.images_n)
@@ -136,12 +139,6 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.bootstrap < 0:
         parser.error(f"--bootstrap must be >= 0, got {args.bootstrap}")
-    from trainer.seeds import parse_seeds
-
-    try:
-        args.seeds = parse_seeds(args.seeds) if args.seeds is not None else None
-    except ValueError as exc:
-        parser.error(str(exc))
     if args.shots is not None:
         try:
             shots = [int(k) for k in args.shots.split(",") if k.strip()]

@@ -198,7 +198,7 @@ def results_table(cfg_path: str, cfg, root: Path, rows: list[str], overrides: li
     phase1 = train_phase1(cfg_path, cfg, root, phase1_name(cfg, cfg.model.extractor.backbone), overrides, log)
     per_seed = {seed: {row: score_row(row, cfg_path, cfg, root, phase1, overrides, log, seed) for row in rows}
                 for seed in seeds}
-    main_seed = cfg.run.seed if cfg.run.seed in seeds else seeds[0]
+    main_seed = seeds_mod.main_seed(seeds, cfg.run.seed)
     results = dict(per_seed[main_seed])  # (the table below may add rows of earlier calls)
     # Rows scored by an earlier call (--rows subset) stay in the table rather than being dropped.
     for row, (label, _) in ROWS.items():
@@ -256,16 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbones", action="store_true", help="phase-1 retrieval accuracy of each backbone")
     parser.add_argument("--figure", metavar="PNG", help="write a sample sheet of the trained rows instead")
     parser.add_argument("--images", type=int, default=6, help="test images in the sample sheet")
-    parser.add_argument("--seeds", help="train every row once per seed, e.g. 0,1,2, and add the table over seeds "
+    parser.add_argument("--seeds", type=seeds_mod.seeds_arg, help="train every row once per seed, e.g. 0,1,2, and add the table over seeds "
                                         "(default: the config's run.seed only)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
     args = parser.parse_args(argv)
-    try:
-        seeds = seeds_mod.parse_seeds(args.seeds) if args.seeds is not None else None
-    except ValueError as exc:
-        parser.error(str(exc))
     return reproduce(args.config, args.overrides, args.root, args.rows, args.backbones, args.figure, args.images,
-                     seeds)
+                     args.seeds)
 
 
 if __name__ == "__main__":

@@ -147,3 +147,6 @@ def test_scoreboard_errors_are_clear(tmp_path, capsys):
     assert "no image left to test after 1 exemplars: 1 (1)" in capsys.readouterr().err
     assert fewshot_main([*argv[:-2], "--images", str(tmp_path / "nope")]) == 2
     assert "fewshot.images" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        fewshot_main([*argv, "--seeds", "0,0"])
+    assert "--seeds must be distinct integers >= 0, got '0,0'" in capsys.readouterr().err

@@ -11,6 +11,8 @@ import it before torch).
 
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 
 METRICS = ("fid", "lpips", "psnr", "colorfulness")
@@ -25,6 +27,19 @@ def parse_seeds(text: str) -> list[int]:
     if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds must be distinct integers >= 0, got {text!r}")
     return seeds
+
+
+def seeds_arg(text: str) -> list[int]:
+    """parse_seeds as an argparse `type`: the error is reported as the option's own usage error."""
+    try:
+        return parse_seeds(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def main_seed(seeds: list[int], config_seed: int) -> int:
+    """The seed whose rows make the single-seed table (and results.json): the config's when asked for."""
+    return config_seed if config_seed in seeds else seeds[0]
 
 
 def run_name(row: str, seed: int, config_seed: int) -> str:
