@@ -361,6 +361,35 @@ def test_sample_cache_changes_nothing_but_the_work(shards):
     assert list(cache.items) == ["2", "3", "4"] and cache.get("0") is None and cache.get("2") is not None
 
 
+def test_worker_batches_arrive_in_one_storage_and_equal_in_process_ones(shards):
+    """A worker packs each batch's tensors into one shared buffer (one hand-over instead of four); the
+    batches are the same, value for value, as those made in this process."""
+    def batches(workers: int) -> list[dict]:
+        cfg = cfg_for(shards["pattern"], workers=workers, flip=True)
+        with make_train_loader(cfg, 0, 1, seed=3) as loader:
+            return [next(loader) for _ in range(6)]
+
+    names = ("light", "ab", "color_feature", "item_id")
+    for a, b in zip(batches(0), batches(1), strict=True):
+        assert a["key"] == b["key"]
+        storages = {b[n].untyped_storage().data_ptr() for n in names}
+        assert len(storages) == 1, storages
+        for name in names:
+            assert b[name].dtype == a[name].dtype and torch.equal(a[name], b[name]), name
+        assert len({a[n].untyped_storage().data_ptr() for n in names}) == len(names)  # in-process: untouched
+
+
+def test_one_storage_keeps_dtypes_shapes_and_values():
+    tensors = {"f": torch.randn(3, 1, 5, 7), "i": torch.arange(3, dtype=torch.int64) * 2**40,
+               "g": torch.randn(3, 313)[:, ::2], "b": torch.tensor([True, False, True])}
+    packed = data_module.one_storage(tensors)
+    assert len({t.untyped_storage().data_ptr() for t in packed.values()}) == 1
+    for name, t in tensors.items():
+        assert packed[name].dtype == t.dtype and packed[name].shape == t.shape and torch.equal(packed[name], t)
+    packed["f"].fill_(0)  # views of disjoint spans: writing one leaves the others intact
+    assert torch.equal(packed["i"], tensors["i"]) and torch.equal(packed["g"], tensors["g"])
+
+
 def test_data_cache_mb_is_what_switches_the_cache(shards, monkeypatch):
     """data.cache_mb alone decides: with it, each sample is decoded once; with 0, on every visit."""
     decoded: list[int] = []

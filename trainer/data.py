@@ -260,6 +260,29 @@ class _SampleCache:
             self.bytes -= p.nbytes + f.numel() * f.element_size()
 
 
+def one_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same tensors (contiguous copies) as views of one shared byte buffer.
+
+    A worker hands each storage of a batch to the main process by its own file-descriptor round trip
+    (torch's default sharing strategy), which needs the worker's resource-sharer thread, and so the
+    worker's GIL, at the moment the trainer asks for the batch; one storage per batch instead of four
+    made the trainer's wait for a batch ~40 % shorter (docs/PERFORMANCE.md).
+    """
+    align = 16
+    spans, total = [], 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        spans.append((name, t, total, nbytes))
+        total += -(-nbytes // align) * align
+    buf = torch.empty(total, dtype=torch.uint8)
+    out = {}
+    for name, t, start, nbytes in spans:
+        view = buf[start:start + nbytes].view(t.dtype).view(t.shape)
+        view.copy_(t)
+        out[name] = view
+    return out
+
+
 def _shuffled(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
     """Buffer shuffle: fill `size` items, then emit a random one for each new one."""
     buf: list[Any] = []
@@ -365,8 +388,10 @@ class _ShardStream(IterableDataset):
             for i, known in enumerate(features):
                 if known is None:  # a clone: the batch's storage moves to shared memory when sent
                     cache.put(keys[i], pixels[i], batch["color_feature"][i].clone())
-        batch["key"] = list(keys)
         batch["item_id"] = torch.tensor([item_id(k) for k in keys], dtype=torch.int64)
+        if get_worker_info() is not None:
+            batch.update(one_storage({k: batch[k] for k in ("light", "ab", "color_feature", "item_id")}))
+        batch["key"] = list(keys)
         batch["n_corrupt"] = reporter.count
         batch["worker"] = worker
         return batch
