@@ -84,15 +84,16 @@ def test_an_unanswered_update_fails_within_its_deadline():
 
 
 def _phase1(tmp_path, pipeline: bool, update_query: str = "post_step", steps: int = 5, key_cache: bool = False,
-            between=None, address: str | None = None) -> tuple[dict, dict]:
+            between=None, address: str | None = None, local_queries: bool = True) -> tuple[dict, dict]:
     """`steps` real memory_steps of a tiny extractor against an embedded server; the export and hits.
     `between(step, memory)` runs after each step."""
     acc = Accelerator(cpu=True)
     torch.manual_seed(0)
     extractor = MemoryExtractor(ExtractorConfig(backbone="resnet18-scratch", dim=DIM, resnet_width=1))
     opt = torch.optim.Adam(extractor.parameters(), lr=1e-2)
-    cfg = MemoryConfig(address=address, capacity=CAPACITY, durability="none", pipeline=pipeline, key_cache=key_cache)
-    memory = TrainerMemory(cfg, tmp_path / f"{pipeline}-{key_cache}-{update_query}", rank=0)
+    cfg = MemoryConfig(address=address, capacity=CAPACITY, durability="none", pipeline=pipeline, key_cache=key_cache,
+                       local_queries=local_queries)
+    memory = TrainerMemory(cfg, tmp_path / f"{pipeline}-{key_cache}-{local_queries}-{update_query}", rank=0)
     ctx = StepContext(accelerator=acc, loss=LossConfig(), use_memory=True, world_size=1, seed=3,
                       phase1=Phase1Config(k=4, threshold=0.8, age_noise=2.0, update_query=update_query))
     try:
@@ -109,9 +110,11 @@ def _phase1(tmp_path, pipeline: bool, update_query: str = "post_step", steps: in
                 between(step, memory)
         last = memory.take_update()
         mirror = None if memory.mirror is None else memory.mirror.keys.copy()
+        replica = memory.mirror is not None and memory.mirror.replica is not None
         weights = torch.cat([p.detach().flatten() for p in extractor.parameters()]).numpy()
         return memory.export(), {"rates": hit_rates, "last": last, "written": dict(memory.written),
-                                 "mirror": mirror, "weights": weights, "queries": memory.calls["query"]}
+                                 "mirror": mirror, "replica": replica, "weights": weights,
+                                 "queries": memory.calls["query"]}
     finally:
         memory.close()
 
@@ -131,11 +134,16 @@ def test_pipelining_leaves_the_memory_bit_for_bit_the_same(tmp_path, update_quer
     assert on_hits["written"] == off_hits["written"] and sum(on_hits["written"].values()) == 5 * B
 
 
-@pytest.mark.parametrize("address", [None, "inproc"])
-def test_the_key_mirror_trains_bit_for_bit_like_keys_in_the_reply(tmp_path, address):
+@pytest.mark.parametrize(("address", "local_queries"), [(None, False), (None, True), ("inproc", True)],
+                         ids=["server-keys", "server-replica", "inproc"])
+def test_the_key_mirror_trains_bit_for_bit_like_keys_in_the_reply(tmp_path, address, local_queries):
+    """Keys from the mirror, or whole queries answered by the replica, train exactly as the server's
+    replies do: the same weights, hit rates and memory, bit for bit."""
     off, off_run = _phase1(tmp_path, pipeline=True, steps=6, key_cache=False, address=address)
-    on, on_run = _phase1(tmp_path, pipeline=True, steps=6, key_cache=True, address=address)
+    on, on_run = _phase1(tmp_path, pipeline=True, steps=6, key_cache=True, address=address,
+                         local_queries=local_queries)
     assert off_run["mirror"] is None and on_run["mirror"] is not None  # the mirror was used to the end
+    assert on_run["replica"] is (address is None and local_queries)  # never for an in-process memory
     assert on_run["mirror"].tobytes() == on["keys"].tobytes()  # and equals the server's keys exactly
     assert on_run["weights"].tobytes() == off_run["weights"].tobytes()
     for name in ("keys", "values", "ages", "item_ids"):
@@ -151,12 +159,54 @@ def test_a_second_writer_drops_the_key_mirror_and_training_goes_on(tmp_path, cap
                 other.update(q, v, threshold=0.0, seed=1)
 
     with caplog.at_level("WARNING", logger="trainer.memory"):
-        on, on_run = _phase1(tmp_path, pipeline=True, key_cache=True, between=other_client_writes)
+        on, on_run = _phase1(tmp_path, pipeline=True, key_cache=True, between=other_client_writes,
+                             local_queries=False)
     off, off_run = _phase1(tmp_path, pipeline=True, key_cache=False, between=other_client_writes)
     assert on_run["mirror"] is None and "memory.key_cache dropped" in caplog.text
     assert "the mirror at" in caplog.text
     assert on_run["weights"].tobytes() == off_run["weights"].tobytes()  # the stale copy was never used
     assert on["version"] == off["version"] == 6 and on["keys"].tobytes() == off["keys"].tobytes()
+
+
+def test_a_second_writer_drops_the_replica_at_the_next_update(tmp_path, caplog):
+    """A replica learns of a foreign write from its next update reply (the version skips one): it is
+    dropped there and the run asks the server from then on. The query between the two may have been
+    answered as of this rank's last update (docs/PERFORMANCE.md): a serialisation the server allows."""
+    def other_client_writes(step, memory):
+        if step == 2:
+            assert memory.mirror.replica is not None
+            q, v = unit_rows(1, DIM, 9)
+            with MemoryClient(memory.endpoint) as other:
+                other.update(q, v, threshold=0.0, seed=1)
+
+    with caplog.at_level("WARNING", logger="trainer.memory"):
+        on, on_run = _phase1(tmp_path, pipeline=True, key_cache=True, between=other_client_writes)
+    assert on_run["mirror"] is None and not on_run["replica"]
+    assert "memory.key_cache dropped (update reply at version 5, the mirror at 3)" in caplog.text
+    assert on["version"] == 6 and on_run["queries"] == 5
+
+
+def test_the_replica_spot_checks_find_a_wrong_answer_and_a_wrong_value(server):
+    from memory_server.replica import Replica
+    from trainer.keymirror import VERIFY_EVERY, KeyMirror, MirrorStale
+
+    with MemoryClient(server.endpoint, memory="replica") as client:
+        client.create(capacity=CAPACITY, key_dim=DIM, value_dim=NUM_BINS, seed=4)
+        mirror = KeyMirror(client, CAPACITY, torch.device("cpu"), seed=0, replica=Replica(client))
+        q, v = unit_rows(B, DIM, 5)
+        mirror.apply_update(q, client.update(q, v, threshold=0.5, seed=2, item_ids=np.arange(B)), v, np.arange(B))
+        first = mirror.query(q, k=3, targets=v)  # the first answer is checked against the server's
+        assert first["version"] == 1 and mirror.keys is mirror.replica.mem.keys
+        mirror.verify()
+        slot = int(first["slots"][0, 0])
+        mirror.replica.mem.values[slot, :2] = mirror.replica.mem.values[slot, 1::-1] + np.float32(1e-3)
+        mirror.replica.mem.negent[slot] += 1e-3  # what a wrong value would do to KL
+        assert mirror.query(q, k=3, targets=v)["kl"].tobytes() != first["kl"].tobytes()  # not checked...
+        mirror.queries = VERIFY_EVERY  # ...until the VERIFY_EVERY-th query after the first
+        with pytest.raises(MirrorStale, match=r"query answer differs from the server's \(kl\)"):
+            mirror.query(q, k=3, targets=v)
+        with pytest.raises(MirrorStale, match=f"slot {slot}'s values differ"):
+            mirror.verify()  # a sample of 64 slots: with capacity 12, every one is compared
 
 
 def test_the_key_mirror_spot_check_finds_a_wrong_key(server):

@@ -258,6 +258,10 @@ class MemoryConfig(_Section):
     # Memories whose keys exceed key_cache_mb keep the keys in the replies.
     key_cache: bool | str = "auto"
     key_cache_mb: int = 512
+    # With the key mirror on: keep a replica of the whole memory (memory_server.replica) and answer the
+    # phase-1 queries here with the server's code, when the server's index is exact and its backend runs
+    # here; the server then sees only the updates. Bounded by key_cache_mb too.
+    local_queries: bool = True
 
     def validate(self, path: str) -> None:
         positive(self, path, "timeout_ms", "key_cache_mb")

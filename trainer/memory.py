@@ -12,7 +12,9 @@ the server's update search overlaps the trainer's data loading and forward while
 take effect in the order they were made (the memory is the same, bit for bit, as without pipelining).
 
 With `memory.key_cache` (trainer.keymirror), a rank that is the memory's only writer keeps the keys
-itself and phase-1 queries come back without them (4 MiB less per step at k 256).
+itself and phase-1 queries come back without them (4 MiB less per step at k 256); with
+`memory.local_queries` as well it keeps a replica of the whole memory (memory_server.replica) and
+answers its phase-1 queries itself, so only the pipelined updates reach the server.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch import Tensor, nn
 from memory_server.client import MemoryClient, PendingReply
 from memory_server.launcher import start_server
 from memory_server.local import InProcessMemory
+from memory_server.replica import Replica, ReplicaUnavailable, replica_nbytes
 from trainer.checkpoint import restore_memory
 from trainer.config import MemoryConfig
 from trainer.keymirror import KeyMirror, MirrorStale
@@ -45,11 +48,14 @@ class TrainerMemory:
         self.written = {"hits": 0, "misses": 0}  # rows of the collected training updates
         self._pending: PendingReply | None = None  # the last training update, sent, not yet collected
         self._pending_q: np.ndarray | None = None  # its queries, replayed into the key mirror
+        self._pending_v: tuple[np.ndarray, np.ndarray | None] | None = None  # its targets and item ids (replica)
         self._pending_applied = False
         self.mirror: KeyMirror | None = None
         # auto: only a single-process run is sure to be the only writer; a mirror another client makes
         # stale is dropped at the first version mismatch, so "true" is safe, merely wasted, with ranks.
         self.key_cache = cfg.key_cache is True or (cfg.key_cache == "auto" and broadcast_object is None)
+        # A replica of an in-process memory would only repeat its work.
+        self.local_queries = cfg.local_queries and cfg.address != "inproc"
         endpoint = cfg.address
         if endpoint == "inproc":
             # The same store code in this process, no server (one process only): debugging, benchmarks.
@@ -93,6 +99,13 @@ class TrainerMemory:
         self._raise_pending()
         if self.key_cache and self.mirror is None:
             self._start_mirror(device)
+        if self.mirror is not None and self.mirror.replica is not None:
+            self.calls["query"] += 1
+            try:
+                reply = self.mirror.query(q, k, targets)
+                return reply, self.mirror.gather(reply["slots"])
+            except MirrorStale as err:
+                self._drop_mirror(err)
         if self.mirror is not None:
             self.calls["query"] += 1
             reply = self.client.query(q, k=k, targets=targets)
@@ -111,13 +124,34 @@ class TrainerMemory:
                      info["key_dim"], self.cfg.key_cache_mb)
             self.key_cache = False
             return
+        replica = self._start_replica(info, limit)
         try:
-            self.mirror = KeyMirror(self.client, int(info["capacity"]), device)
+            self.mirror = KeyMirror(self.client, int(info["capacity"]), device, replica=replica)
         except MirrorStale as err:
             self._drop_mirror(err)
             return
-        log.info("memory.key_cache: phase-1 queries read their keys from this process's copy (%d slots, "
-                 "version %d)", info["capacity"], self.mirror.version)
+        if replica is not None:
+            log.info("memory.local_queries: phase-1 queries are answered by this process's replica of the memory "
+                     "(%d slots, version %d, backend %s); the server gets the updates", info["capacity"],
+                     self.mirror.version, info["backend"])
+        else:
+            log.info("memory.key_cache: phase-1 queries read their keys from this process's copy (%d slots, "
+                     "version %d)", info["capacity"], self.mirror.version)
+
+    def _start_replica(self, info: dict, limit: int) -> Replica | None:
+        if not self.local_queries:
+            return None
+        why = None
+        if replica_nbytes(info) > limit:
+            why = f"a replica needs {replica_nbytes(info) / 2**20:.0f} MiB, over memory.key_cache_mb={self.cfg.key_cache_mb}"
+        else:
+            try:
+                return Replica(self.client, info=info)
+            except ReplicaUnavailable as exc:
+                why = str(exc)
+        log.info("memory.local_queries off (%s): phase-1 queries go to the server", why)
+        self.local_queries = False
+        return None
 
     def _drop_mirror(self, why: Exception) -> None:
         log.warning("memory.key_cache dropped (%s): phase-1 queries carry their keys from now on", why)
@@ -138,7 +172,7 @@ class TrainerMemory:
         self.calls["update"] += 1
         self._pending = self.client.update_async(q, v, threshold=threshold, age_noise=age_noise, seed=seed,
                                                  item_ids=item_ids)
-        self._pending_q, self._pending_applied = q, False
+        self._pending_q, self._pending_v, self._pending_applied = q, (v, item_ids), False
         if (not self.cfg.pipeline) if wait is None else wait:
             self._collect()  # its error, if any, raised now; the reply stays for take_update
 
@@ -148,7 +182,7 @@ class TrainerMemory:
         if self._pending is None:
             return None
         reply = self._collect()
-        self._pending = self._pending_q = None
+        self._pending = self._pending_q = self._pending_v = None
         hits = int(np.count_nonzero(reply["hit"]))
         self.written["hits"] += hits
         self.written["misses"] += int(reply["hit"].shape[0]) - hits
@@ -166,7 +200,7 @@ class TrainerMemory:
             self._pending_applied = True
             if self.mirror is not None:
                 try:
-                    self.mirror.apply_update(self._pending_q, reply)
+                    self.mirror.apply_update(self._pending_q, reply, *self._pending_v)
                 except MirrorStale as err:
                     self._drop_mirror(err)
         return reply
