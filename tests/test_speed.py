@@ -4,6 +4,8 @@ to the default step; the options a device cannot honour are errors."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,3 +109,14 @@ def test_gpu_check_script_parses_and_measures_every_target():
     for needle in ("benchmarks/trainer.py", "benchmarks/memory_server.py --backend torch", "--key-dtype",
                    "--options", "--sweep", "--profile", "GPU_CHECK_CPU"):
         assert needle in text, needle
+
+
+def test_the_trainer_benchmark_splits_phase_1_at_one_pass_over_the_data():
+    spec = importlib.util.spec_from_file_location("bench_trainer", Path(__file__).resolve().parents[1] / "benchmarks"
+                                                  / "trainer.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = [{"phase": 1, "step": s, "time/step_s": 0.01 * s} for s in (10, 20, 30, 40, 50)]
+    parts = bench.split_by_pass(rows, first_pass=30)
+    assert [r["step"] for r in parts["first"]] == [10, 20, 30] and [r["step"] for r in parts["later"]] == [40, 50]
+    assert bench.steady(parts["later"], "time/step_s", 1) == pytest.approx(0.5)  # its first interval skipped
