@@ -43,7 +43,9 @@ fi
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
 
 echo "== 1. phase 1: memory server (pipelined) vs in-process =="
-$PY benchmarks/trainer.py --config "$P1_CONFIG" --procs 0 --repeats 1 $P1_ARGS --json "$OUT/phase1.json" \
+# The default (the trainer's replica answers the queries) and queries sent to the server, vs in-process.
+$PY benchmarks/trainer.py --config "$P1_CONFIG" --procs 0 --repeats 1 $P1_ARGS --modes inproc,server,server-remote \
+  --json "$OUT/phase1.json" \
   2>&1 | tee "$OUT/phase1.txt" || rc=1
 
 echo "== 2. memory server, torch backend: end to end vs in-process search =="

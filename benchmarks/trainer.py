@@ -77,6 +77,12 @@ def steady(rows: list[dict], key: str, phase: int) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+MODES = {"server": ["memory.address=null", "memory.pipeline=true"],
+         "server-remote": ["memory.address=null", "memory.local_queries=false"],
+         "server-sync": ["memory.address=null", "memory.pipeline=false"],
+         "inproc": ["memory.address=inproc"]}
+
+
 def split_by_pass(rows: list[dict], first_pass: int) -> dict[str, list[dict]]:
     """Phase-1 log rows whose interval ends within the first pass over the data, and the rest."""
     return {"first": [r for r in rows if r.get("step", 0) <= first_pass],
@@ -93,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                              "table also splits the ratio into the first pass and the rest")
     parser.add_argument("--procs", default="1,2", help="process counts for phase 2 (default 1,2)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help=f"phase-1 runs, from {', '.join(MODES)} (default all; inproc and server always run)")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides for every run")
     args = parser.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 2)
@@ -123,10 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     # machine's spare CPU, which the server process needs, differs between the two.
     first_pass = -(-count_samples(source) // cfg.data.batch_size)
 
-    modes = {"server": ["memory.address=null", "memory.pipeline=true"],
-             "server-remote": ["memory.address=null", "memory.local_queries=false"],
-             "server-sync": ["memory.address=null", "memory.pipeline=false"],
-             "inproc": ["memory.address=inproc"]}
+    chosen = {m.strip() for m in args.modes.split(",") if m.strip()} | {"inproc", "server"}
+    if chosen - set(MODES):
+        parser.error(f"--modes: unknown mode(s) {', '.join(sorted(chosen - set(MODES)))}; choose from {', '.join(MODES)}")
+    modes = {m: extra for m, extra in MODES.items() if m in chosen}
     p1 = {mode: [] for mode in modes}
     p1_rpc = {mode: [] for mode in modes}
     p1_split = {mode: {"first": [], "later": []} for mode in modes}
@@ -149,16 +157,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  phase 2 x{nproc}: {p2[nproc]['images_per_s']:.2f} img/s", file=sys.stderr)
 
     server, inproc = statistics.median(p1["server"]), statistics.median(p1["inproc"])
-    sync = statistics.median(p1["server-sync"])
-    remote = statistics.median(p1["server-remote"])
+    sync = statistics.median(p1["server-sync"]) if p1.get("server-sync") else float("nan")
+    remote = statistics.median(p1["server-remote"]) if p1.get("server-remote") else float("nan")
     print(f"\nTrainer benchmark ({args.config}: {cfg.data.image_size} px, batch {cfg.data.batch_size} per process, "
           f"width {cfg.model.generator.width}, extractor {cfg.model.extractor.backbone}, k {cfg.phase1.k})")
     print("| phase 1 | steps / s | memory share of step | ratio |\n| --- | ---: | ---: | ---: |")
     print(f"| in-process store (inproc) | {inproc:.2f} | {statistics.median(p1_rpc['inproc']):.1%} | 1.00 |")
-    print(f"| memory server process (tcp), updates awaited (memory.pipeline: false) | {sync:.2f} | "
-          f"{statistics.median(p1_rpc['server-sync']):.1%} | {sync / inproc:.2f}x |")
-    print(f"| memory server process (tcp), updates pipelined, queries sent to it (memory.local_queries: false) | "
-          f"{remote:.2f} | {statistics.median(p1_rpc['server-remote']):.1%} | {remote / inproc:.2f}x |")
+    if "server-sync" in modes:
+        print(f"| memory server process (tcp), updates awaited (memory.pipeline: false) | {sync:.2f} | "
+              f"{statistics.median(p1_rpc['server-sync']):.1%} | {sync / inproc:.2f}x |")
+    if "server-remote" in modes:
+        print(f"| memory server process (tcp), updates pipelined, queries sent to it (memory.local_queries: false) "
+              f"| {remote:.2f} | {statistics.median(p1_rpc['server-remote']):.1%} | {remote / inproc:.2f}x |")
     print(f"| memory server process (tcp), updates pipelined, queries answered by the trainer's replica (default) | "
           f"{server:.2f} | "
           f"{statistics.median(p1_rpc['server']):.1%} | {server / inproc:.2f}x (target >= 0.97x CPU, 0.95x GPU) |")
@@ -176,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n2-process scaling: {p2[2]['images_per_s'] / p2[1]['images_per_s']:.2f}x the 1-process rate "
               "(both share this machine's cores)")
     result = {"phase1": p1, "phase1_by_pass": p1_split, "phase1_first_pass_steps": first_pass, "phase2": p2,
-              "phase1_ratio": server / inproc, "phase1_sync_ratio": sync / inproc,
-              "phase1_remote_ratio": remote / inproc}
+              "phase1_ratio": server / inproc, "phase1_sync_ratio": sync / inproc if "server-sync" in modes else None,
+              "phase1_remote_ratio": remote / inproc if "server-remote" in modes else None}
     (tmp / "result.json").write_text(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

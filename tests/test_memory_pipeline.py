@@ -186,6 +186,27 @@ def test_a_second_writer_drops_the_replica_at_the_next_update(tmp_path, caplog):
     assert on["version"] == 6 and on_run["queries"] == 5
 
 
+def test_a_replica_caught_wrong_at_its_checked_query_is_never_used(tmp_path, caplog):
+    """A replica gone wrong (here: one value changed behind its back) is caught by the next checked query,
+    whose answer then comes from the server: training is still the same bit for bit."""
+    from trainer.keymirror import VERIFY_EVERY
+
+    def corrupt(step, memory):
+        if step == 1:
+            mem = memory.mirror.replica.mem
+            mem.negent[:] += 0.5  # every slot's KL moves: any answer with targets differs
+            memory.mirror.queries = VERIFY_EVERY  # the next query is a checked one
+
+    with caplog.at_level("WARNING", logger="trainer.memory"):
+        on, on_run = _phase1(tmp_path, pipeline=True, key_cache=True, between=corrupt)
+    off, off_run = _phase1(tmp_path, pipeline=True, key_cache=False)
+    assert "query answer differs from the server's (kl)" in caplog.text and not on_run["replica"]
+    assert on_run["weights"].tobytes() == off_run["weights"].tobytes()
+    assert on_run["queries"] == off_run["queries"] == 5  # the failed local answer is not counted
+    for name in ("keys", "values", "ages", "item_ids"):
+        assert off[name].tobytes() == on[name].tobytes(), name
+
+
 def test_the_replica_spot_checks_find_a_wrong_answer_and_a_wrong_value(server):
     from memory_server.replica import Replica
     from trainer.keymirror import VERIFY_EVERY, KeyMirror, MirrorStale

@@ -100,12 +100,13 @@ class TrainerMemory:
         if self.key_cache and self.mirror is None:
             self._start_mirror(device)
         if self.mirror is not None and self.mirror.replica is not None:
-            self.calls["query"] += 1
             try:
                 reply = self.mirror.query(q, k, targets)
-                return reply, self.mirror.gather(reply["slots"])
             except MirrorStale as err:
-                self._drop_mirror(err)
+                self._drop_mirror(err)  # and this query goes to the server below
+            else:
+                self.calls["query"] += 1
+                return reply, self.mirror.gather(reply["slots"])
         if self.mirror is not None:
             self.calls["query"] += 1
             reply = self.client.query(q, k=k, targets=targets)
