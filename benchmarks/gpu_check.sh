@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_check.sh              # full: about 8-9 minutes on an H100
 #   QUICK=1 bash benchmarks/gpu_check.sh      # the essentials: a few minutes
 #   GPU_CHECK_CPU=1 bash benchmarks/gpu_check.sh   # the same script end to end on the CPU, tiny sizes
-# 1. phase 1: memory server (embedded, pipelined) vs in-process memory, as a ratio (target >= 0.95x);
+# 1. phase 1: memory server (embedded, pipelined; queries answered by the trainer's replica, and sent
+#    to the server) vs in-process memory, as ratios (target >= 0.95x);
 # 2. the memory server on the torch CUDA backend at m = 1e4 and 1e5: end to end vs in-process search
 #    (target >= 0.9x at 1e5), for each --key-dtype, with tf32/bf16 top-k recall against fp32 search;
 # 3. the 256 px phase-2 step in bf16: images/s, TFLOP/s and share of the dense bf16 peak for each
