@@ -34,6 +34,13 @@ class ReplicaUnavailable(RuntimeError):
     """This process cannot answer like the server (another index or backend), or the memory moved."""
 
 
+def rows_per_get(info: dict[str, Any]) -> int:
+    """Slots per `get` that stay within the server's --max-batch and --max-message-bytes (with room for
+    the header): at most SYNC_ROWS."""
+    row = 4 * int(info["key_dim"]) + 4 * int(info["value_dim"]) + 4 + 8  # keys, values as float32, age, id
+    return max(1, min(SYNC_ROWS, int(info["max_batch"]), (int(info["max_message_bytes"]) - 4096) // row))
+
+
 def replica_nbytes(info: dict[str, Any]) -> int:
     """Bytes the arrays of a replica of the memory `info` describes take (as the server's, no index)."""
     return arrays_nbytes(int(info["capacity"]), int(info["key_dim"]), int(info["value_dim"]),
@@ -66,9 +73,9 @@ class Replica(InProcessMemory):
         backend = _same_backend(info)
         capacity = int(info["capacity"])
         parts: dict[str, list[np.ndarray]] = {"keys": [], "values": [], "ages": [], "item_ids": []}
-        version = None
-        for start in range(0, capacity, SYNC_ROWS):
-            got = client.get(np.arange(start, min(start + SYNC_ROWS, capacity), dtype=np.int64), memory=memory)
+        version, step = None, rows_per_get(info)
+        for start in range(0, capacity, step):
+            got = client.get(np.arange(start, min(start + step, capacity), dtype=np.int64), memory=memory)
             if version is not None and got["version"] != version:
                 raise ReplicaUnavailable(f"memory {memory!r} changed while it was read (version {version} -> "
                                          f"{got['version']})")

@@ -7,7 +7,7 @@ import pytest
 from memserver_helpers import running_server
 
 from memory_server.client import MemoryClient
-from memory_server.replica import Replica, ReplicaUnavailable, replica_nbytes
+from memory_server.replica import Replica, ReplicaUnavailable, replica_nbytes, rows_per_get
 from memory_server.store import arrays_nbytes
 
 pytestmark = pytest.mark.integration
@@ -91,3 +91,24 @@ def test_only_an_exact_index_on_this_backend_is_replicated():
     with pytest.raises(ReplicaUnavailable, match="'hnsw' is not one"):
         Replica(client, info={**info, "backend": "hnsw"})
     assert replica_nbytes({**info, "value_dtype": "float16"}) == arrays_nbytes(10, 4, 3, "float16")
+
+
+def test_the_first_reads_respect_the_servers_limits():
+    """A server with a small --max-batch: the replica and the key mirror read it in chunks it accepts."""
+    import torch
+
+    from trainer.keymirror import KeyMirror
+
+    rng = np.random.default_rng(2)
+    with running_server(None, durability="none", extra_args=["--max-batch", "7"]) as srv, \
+            MemoryClient(srv.endpoint, memory="small") as client:
+        client.create(capacity=M, key_dim=DK, value_dim=DV, seed=3)
+        q, v = batch(rng)
+        client.update(q, v, threshold=3.45, seed=1)
+        info = client.info()
+        assert rows_per_get(info) == 7
+        assert rows_per_get({**info, "max_message_bytes": 4096 + 3 * (4 * DK + 4 * DV + 12)}) == 3
+        replica = Replica(client)
+        assert_same_memory(client, replica)
+        mirror = KeyMirror(client, M, torch.device("cpu"), rows_per_get=rows_per_get(info))
+        assert mirror.keys.tobytes() == client.export()["keys"].tobytes() and mirror.version == 1

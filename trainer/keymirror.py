@@ -32,7 +32,8 @@ from memory_server.replica import Replica, ReplicaUnavailable
 
 log = logging.getLogger(__name__)
 
-SYNC_ROWS = 8192  # slots per `get` when the mirror is first filled (~27 MB replies at dk 512, dv 313)
+SYNC_ROWS = 8192  # slots per `get` when the mirror is first filled (~27 MB replies at dk 512, dv 313),
+# fewer when the server's limits say so (memory_server.replica.rows_per_get)
 VERIFY_EVERY = 256  # updates between spot checks against the server
 VERIFY_ROWS = 64
 
@@ -41,7 +42,7 @@ class KeyMirror:
     """Keys [m, dk] float32 on the host (the truth) and, for a CUDA device, a device copy kept in step."""
 
     def __init__(self, client, capacity: int, device: torch.device, seed: int = 0,
-                 replica: Replica | None = None) -> None:
+                 replica: Replica | None = None, rows_per_get: int = SYNC_ROWS) -> None:
         self.client = client
         self.device = device
         self.rng = np.random.default_rng(seed)
@@ -51,11 +52,11 @@ class KeyMirror:
             self.keys, self.version = replica.mem.keys, replica.version
             self.device_keys = torch.from_numpy(self.keys) if device.type == "cpu" else torch.from_numpy(self.keys).to(device)
             return
-        first = client.get(np.arange(min(SYNC_ROWS, capacity), dtype=np.int64))
+        first = client.get(np.arange(min(rows_per_get, capacity), dtype=np.int64))
         version = first["version"]
         parts = [first["keys"]]
-        for start in range(SYNC_ROWS, capacity, SYNC_ROWS):
-            part = client.get(np.arange(start, min(start + SYNC_ROWS, capacity), dtype=np.int64))
+        for start in range(rows_per_get, capacity, rows_per_get):
+            part = client.get(np.arange(start, min(start + rows_per_get, capacity), dtype=np.int64))
             if part["version"] != version:
                 raise MirrorStale(f"the memory changed while its keys were read (version {version} -> "
                                   f"{part['version']})")

@@ -29,7 +29,8 @@ from torch import Tensor, nn
 from memory_server.client import MemoryClient, PendingReply
 from memory_server.launcher import start_server
 from memory_server.local import InProcessMemory
-from memory_server.replica import Replica, ReplicaUnavailable, replica_nbytes
+from memory_server.protocol import MemoryServerError
+from memory_server.replica import Replica, ReplicaUnavailable, replica_nbytes, rows_per_get
 from trainer.checkpoint import restore_memory
 from trainer.config import MemoryConfig
 from trainer.keymirror import KeyMirror, MirrorStale
@@ -125,10 +126,11 @@ class TrainerMemory:
                      info["key_dim"], self.cfg.key_cache_mb)
             self.key_cache = False
             return
-        replica = self._start_replica(info, limit)
         try:
-            self.mirror = KeyMirror(self.client, int(info["capacity"]), device, replica=replica)
-        except MirrorStale as err:
+            replica = self._start_replica(info, limit)
+            self.mirror = KeyMirror(self.client, int(info["capacity"]), device, replica=replica,
+                                    rows_per_get=rows_per_get(info))
+        except (MirrorStale, MemoryServerError) as err:  # e.g. the server busy or refusing the reads: go on
             self._drop_mirror(err)
             return
         if replica is not None:
