@@ -126,6 +126,23 @@ def test_query_fields_and_kl_against_reference():
     assert r["keys"].shape == (4, 6, 8) and r["ages"].shape == (4, 6) and r["item_ids"].dtype == np.int64
 
 
+@pytest.mark.parametrize("value_dtype", ["float32", "float16"])
+def test_kl_matrix_is_the_float64_definition_bit_for_bit(value_dtype):
+    """kl_matrix lets einsum cast the held values as it goes: the same bits as casting them first."""
+    from memory_server.store import Memory
+
+    rng = np.random.default_rng(4)
+    for m, dv, rows, k in [(300, 313, 8, 256), (17, 5, 3, 17), (900, 64, 33, 40)]:
+        values = (rng.random((m, dv)) ** 4 + 1e-6).astype(value_dtype)
+        values /= values.sum(1, keepdims=True)
+        mem = Memory("kl", np.zeros((m, 4), np.float32), values, np.zeros(m, np.float32), np.full(m, -1, np.int64),
+                     np.zeros(m, bool))
+        slots = rng.integers(0, m, (rows, k))
+        log_v = np.log(rng.random((rows, dv)) ** 3 + 1e-8)
+        want = np.maximum(0.0, mem.negent[slots] - np.einsum("rkd,rd->rk", values[slots].astype(np.float64), log_v))
+        assert mem.kl_matrix(slots, log_v).tobytes() == want.astype(np.float32).tobytes()
+
+
 def test_float16_inputs_accepted():
     mem = _mem(m=16, dk=4, dv=3)
     r = mem.query(np.ones((2, 4), np.float16), 2)
