@@ -151,6 +151,16 @@ def test_the_key_mirror_trains_bit_for_bit_like_keys_in_the_reply(tmp_path, addr
     assert on_run["rates"] == off_run["rates"] and on_run["queries"] == off_run["queries"] == 6
 
 
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_the_replica_trains_bit_for_bit_with_pre_step_updates(tmp_path, pipeline):
+    """pre_step sends the update before the backward: the replica still answers each query as the server."""
+    off, off_run = _phase1(tmp_path, pipeline=pipeline, update_query="pre_step", key_cache=False)
+    on, on_run = _phase1(tmp_path, pipeline=pipeline, update_query="pre_step", key_cache=True)
+    assert on_run["replica"] and on_run["weights"].tobytes() == off_run["weights"].tobytes()
+    for name in ("keys", "values", "ages", "item_ids"):
+        assert off[name].tobytes() == on[name].tobytes(), name
+
+
 def test_a_second_writer_drops_the_key_mirror_and_training_goes_on(tmp_path, caplog):
     def other_client_writes(step, memory):
         if step == 2:
