@@ -84,8 +84,8 @@ class Replica(InProcessMemory):
                 chunks.append(got[name])
         keys, values, ages, item_ids = (np.ascontiguousarray(np.concatenate(parts[n])) for n in parts)
         value_dtype = info.get("value_dtype", "float32")
-        # `written` only feeds the approximate index and the `filled` count, neither of which a replica
-        # reports; a slot ever written has an item id or a key other than its seed key, unknown here.
+        # Which slots were ever written is not in a `get` reply; it feeds only the approximate index and
+        # the `filled` count, neither of which a replica uses.
         mem = Memory(memory, keys, values.astype(value_dtype), ages, item_ids, np.zeros(capacity, bool),
                      version=int(version))
         store = MemoryStore(backend, index=IndexOptions(index="exact", key_dtype=info.get("key_dtype", "float32")),

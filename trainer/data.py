@@ -266,7 +266,7 @@ def one_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     A worker hands each storage of a batch to the main process by its own file-descriptor round trip
     (torch's default sharing strategy), which needs the worker's resource-sharer thread, and so the
     worker's GIL, at the moment the trainer asks for the batch; one storage per batch instead of four
-    made the trainer's wait for a batch ~40 % shorter (docs/PERFORMANCE.md).
+    halved the trainer's wait for a batch (docs/PERFORMANCE.md).
     """
     align = 16
     spans, total = [], 0

@@ -28,12 +28,10 @@ import numpy as np
 import torch
 
 from memory_server import rules
-from memory_server.replica import Replica, ReplicaUnavailable
+from memory_server.replica import SYNC_ROWS, Replica, ReplicaUnavailable
 
 log = logging.getLogger(__name__)
 
-SYNC_ROWS = 8192  # slots per `get` when the mirror is first filled (~27 MB replies at dk 512, dv 313),
-# fewer when the server's limits say so (memory_server.replica.rows_per_get)
 VERIFY_EVERY = 256  # updates between spot checks against the server
 VERIFY_ROWS = 64
 
@@ -43,6 +41,7 @@ class KeyMirror:
 
     def __init__(self, client, capacity: int, device: torch.device, seed: int = 0,
                  replica: Replica | None = None, rows_per_get: int = SYNC_ROWS) -> None:
+        # rows_per_get: slots per `get` while filling (memory_server.replica.rows_per_get of the server's limits)
         self.client = client
         self.device = device
         self.rng = np.random.default_rng(seed)
