@@ -246,9 +246,7 @@ class MemoryApi:
 
     def _export_in_chunks(self, memory: str | None, attempts: int = 5) -> dict[str, Any]:
         info = self.info(memory=memory)
-        m, dk, dv = info["capacity"], info["key_dim"], info["value_dim"]
-        row = 4 * dk + 4 * dv + 12
-        rows = max(1, min(info.get("max_batch", 65_536), (info.get("max_message_bytes", 1 << 20) - 4096) // row))
+        m, rows = info["capacity"], rows_per_get(info)
         for _ in range(attempts):
             parts = [self.get(np.arange(s, min(m, s + rows)), memory=memory) for s in range(0, m, rows)]
             versions = {p["version"] for p in parts}
@@ -427,6 +425,13 @@ class MemoryClient(MemoryApi):
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown may have torn zmq down already
             pass
+
+
+def rows_per_get(info: dict[str, Any]) -> int:
+    """Slots one `get` of the memory `info` describes may ask for within the server's --max-batch and
+    --max-message-bytes (with room for the header)."""
+    row = 4 * info["key_dim"] + 4 * info["value_dim"] + 12  # keys, values (float32), age, item id
+    return max(1, min(info.get("max_batch", 65_536), (info.get("max_message_bytes", 1 << 20) - 4096) // row))
 
 
 def _merge(result: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -3,10 +3,10 @@
 A writer that knows every change to a memory (its own `update`s, whose replies say which rows hit and
 which slots the misses took) can keep an exact copy and answer its own queries from it, with the
 server's own code: the copy is an in-process Engine (InProcessMemory) over the same backend and index
-options, filled by chunked `get`s, and each update is replayed as the UpdateEffect the server applied
-(the write-ahead log's record), rebuilt from the request and its reply. The server still plans every
-update (its search, the age-based replacement), logs it and serves everyone else; only the writer's
-reads stop crossing the wire. Exactness is the caller's to check (trainer.keymirror compares versions on
+options, filled by one `export` (chunked `get`s at one version when it is large), and each update is
+replayed as the UpdateEffect the server applied (the write-ahead log's record), rebuilt from the request
+and its reply. The server still plans every update (its search, the age-based replacement), logs it
+and serves everyone else; only the writer's reads stop crossing the wire. Exactness is the caller's to check (trainer.keymirror compares versions on
 every update and the server's answers now and then); a replica is never written by anything else.
 """
 
@@ -26,19 +26,11 @@ from .engine import Engine, Limits
 from .local import InProcessMemory
 from .store import Memory, MemoryStore, arrays_nbytes
 
-SYNC_ROWS = 8192  # slots per `get` while filling (~27 MB replies at dk 512, dv 313)
 BACKENDS = {"faiss-cpu": "faiss", "faiss-gpu": "faiss", "torch-cpu": "torch", "torch-cuda": "torch"}
 
 
 class ReplicaUnavailable(RuntimeError):
     """This process cannot answer like the server (another index or backend), or the memory moved."""
-
-
-def rows_per_get(info: dict[str, Any]) -> int:
-    """Slots per `get` that stay within the server's --max-batch and --max-message-bytes (with room for
-    the header): at most SYNC_ROWS."""
-    row = 4 * int(info["key_dim"]) + 4 * int(info["value_dim"]) + 4 + 8  # keys, values as float32, age, id
-    return max(1, min(SYNC_ROWS, int(info["max_batch"]), (int(info["max_message_bytes"]) - 4096) // row))
 
 
 def replica_nbytes(info: dict[str, Any]) -> int:
@@ -72,19 +64,11 @@ class Replica(InProcessMemory):
         info = client.info(memory) if info is None else info
         backend = _same_backend(info)
         capacity = int(info["capacity"])
-        parts: dict[str, list[np.ndarray]] = {"keys": [], "values": [], "ages": [], "item_ids": []}
-        version, step = None, rows_per_get(info)
-        for start in range(0, capacity, step):
-            got = client.get(np.arange(start, min(start + step, capacity), dtype=np.int64), memory=memory)
-            if version is not None and got["version"] != version:
-                raise ReplicaUnavailable(f"memory {memory!r} changed while it was read (version {version} -> "
-                                         f"{got['version']})")
-            version = got["version"]
-            for name, chunks in parts.items():
-                chunks.append(got[name])
-        keys, values, ages, item_ids = (np.ascontiguousarray(np.concatenate(parts[n])) for n in parts)
+        state = client.export(memory)  # within the server's limits, at one version
+        keys, values, ages, item_ids = (np.ascontiguousarray(state[n]) for n in ("keys", "values", "ages", "item_ids"))
+        version = state["version"]
         value_dtype = info.get("value_dtype", "float32")
-        # Which slots were ever written is not in a `get` reply; it feeds only the approximate index and
+        # Which slots were ever written is not exported; it feeds only the approximate index and
         # the `filled` count, neither of which a replica uses.
         mem = Memory(memory, keys, values.astype(value_dtype), ages, item_ids, np.zeros(capacity, bool),
                      version=int(version))

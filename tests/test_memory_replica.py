@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from memserver_helpers import running_server
 
-from memory_server.client import MemoryClient
-from memory_server.replica import Replica, ReplicaUnavailable, replica_nbytes, rows_per_get
+from memory_server.client import MemoryClient, rows_per_get
+from memory_server.replica import Replica, ReplicaUnavailable, replica_nbytes
 from memory_server.store import arrays_nbytes
 
 pytestmark = pytest.mark.integration
@@ -94,7 +94,8 @@ def test_only_an_exact_index_on_this_backend_is_replicated():
 
 
 def test_the_first_reads_respect_the_servers_limits():
-    """A server with a small --max-batch: the replica and the key mirror read it in chunks it accepts."""
+    """A server with a small --max-batch: the replica (by `export`) and the key mirror (by `get`s of chunks it
+    accepts) read it whole."""
     import torch
 
     from trainer.keymirror import KeyMirror

@@ -28,9 +28,11 @@ import numpy as np
 import torch
 
 from memory_server import rules
-from memory_server.replica import SYNC_ROWS, Replica, ReplicaUnavailable
+from memory_server.replica import Replica, ReplicaUnavailable
 
 log = logging.getLogger(__name__)
+
+SYNC_ROWS = 8192  # slots per `get` when the mirror is first filled (~27 MB replies at dk 512, dv 313)
 
 VERIFY_EVERY = 256  # updates between spot checks against the server
 VERIFY_ROWS = 64
@@ -41,7 +43,8 @@ class KeyMirror:
 
     def __init__(self, client, capacity: int, device: torch.device, seed: int = 0,
                  replica: Replica | None = None, rows_per_get: int = SYNC_ROWS) -> None:
-        # rows_per_get: slots per `get` while filling (memory_server.replica.rows_per_get of the server's limits)
+        # rows_per_get: what the server's limits allow per `get` (memory_server.client.rows_per_get)
+        rows_per_get = min(SYNC_ROWS, rows_per_get)
         self.client = client
         self.device = device
         self.rng = np.random.default_rng(seed)
@@ -97,7 +100,7 @@ class KeyMirror:
             raise MirrorStale(f"update reply at version {reply['version']}, the mirror at {self.version}")
         if self.replica is not None:
             try:
-                rows = np.unique(self.replica.follow_update(q, v, item_ids, reply))
+                rows = self.replica.follow_update(q, v, item_ids, reply)
             except ReplicaUnavailable as exc:
                 raise MirrorStale(str(exc)) from None
             self._updated(rows)
@@ -112,11 +115,12 @@ class KeyMirror:
         if (~hit).any():
             self.keys[slots[~hit]] = q_hat[~hit]
             written.append(slots[~hit])
-        self._updated(np.unique(np.concatenate(written)))
+        self._updated(np.concatenate(written))
 
-    def _updated(self, rows: np.ndarray) -> None:
-        """After an update wrote the keys of `rows`: the device copy, the version, the periodic check."""
-        if self.device.type != "cpu":
+    def _updated(self, written: np.ndarray) -> None:
+        """After an update wrote the keys at `written`: the device copy, the version, the periodic check."""
+        if self.device.type != "cpu":  # on the CPU the tensor is the array itself
+            rows = np.unique(written)
             index = torch.from_numpy(rows).to(self.device)
             self.device_keys.index_copy_(0, index, torch.from_numpy(self.keys[rows]).to(self.device))
         self.version += 1

@@ -26,11 +26,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from memory_server.client import MemoryClient, PendingReply
+from memory_server.client import MemoryClient, PendingReply, rows_per_get
 from memory_server.launcher import start_server
 from memory_server.local import InProcessMemory
 from memory_server.protocol import MemoryServerError
-from memory_server.replica import Replica, ReplicaUnavailable, replica_nbytes, rows_per_get
+from memory_server.replica import Replica, ReplicaUnavailable, replica_nbytes
 from trainer.checkpoint import restore_memory
 from trainer.config import MemoryConfig
 from trainer.keymirror import KeyMirror, MirrorStale
