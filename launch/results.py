@@ -256,8 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbones", action="store_true", help="phase-1 retrieval accuracy of each backbone")
     parser.add_argument("--figure", metavar="PNG", help="write a sample sheet of the trained rows instead")
     parser.add_argument("--images", type=int, default=6, help="test images in the sample sheet")
-    parser.add_argument("--seeds", type=seeds_mod.seeds_arg, help="train every row once per seed, e.g. 0,1,2, and add the table over seeds "
-                                        "(default: the config's run.seed only)")
+    parser.add_argument("--seeds", type=seeds_mod.seeds_arg,
+                        help="train every row once per seed, e.g. 0,1,2, and add the table over seeds "
+                             "(default: the config's run.seed only)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
     args = parser.parse_args(argv)
     return reproduce(args.config, args.overrides, args.root, args.rows, args.backbones, args.figure, args.images,
